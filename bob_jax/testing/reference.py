@@ -1,0 +1,72 @@
+"""PyTorch-side helpers for parity tests (torch is imported lazily; needs the [reference] extra)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+
+def redraw_parameters(model, seed: int, overrides: dict[str, float] | None = None):
+    """Re-draw every parameter and persistent float buffer of a torch model at random, keeping scales.
+
+    timm's default init hides whole code paths from a parity test (zero-initialised last BatchNorm
+    of each residual block, 1e-5 layer-scale gammas, zero biases): this helper replaces them with
+    values of a natural scale so that every branch contributes.
+      weights with ndim >= 2: N(0, 1 / fan_in) (fan_in = prod(shape[1:]), torch layout)
+      1-D weights / gammas (norm scales, layer scale): U(0.5, 1.5)
+      biases and running means: N(0, 0.1^2)
+      running variances: U(0.5, 1.5) (kept positive)
+    `overrides` maps a regex on the parameter name to a standard deviation used instead.
+    Returns the model (modified in place).
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    overrides = {re.compile(k): v for k, v in (overrides or {}).items()}
+
+    def normal(shape, std):
+        return torch.randn(shape, generator=gen) * std
+
+    def uniform(shape, lo, hi):
+        return torch.rand(shape, generator=gen) * (hi - lo) + lo
+
+    with torch.no_grad():
+        named = list(model.named_parameters()) + [
+            (n, b) for n, b in model.named_buffers() if b.is_floating_point() and n in model.state_dict()
+        ]
+        for name, t in named:
+            std = next((v for rx, v in overrides.items() if rx.fullmatch(name)), None)
+            if std is not None:
+                new = normal(t.shape, std)
+            elif name.endswith("running_var"):
+                new = uniform(t.shape, 0.5, 1.5)
+            elif name.endswith("running_mean") or name.endswith("bias"):
+                new = normal(t.shape, 0.1)
+            elif t.ndim >= 2:
+                new = normal(t.shape, 1.0 / math.sqrt(max(1, math.prod(t.shape[1:]))))
+            else:
+                new = uniform(t.shape, 0.5, 1.5)
+            t.copy_(new.to(t.dtype))
+    return model
+
+
+def check_output_scale(output, lo: float = 0.1, hi: float = 100.0) -> float:
+    """Assert the reference output has a sane spread, so a parity test cannot pass on ~0 or ~inf."""
+    std = float(np.std(np.asarray(output, dtype=np.float64)))
+    if not lo <= std <= hi:
+        raise AssertionError(f"reference output std {std:.3g} outside [{lo}, {hi}]: re-draw scales are off")
+    return std
+
+
+def state_dict_numpy(model) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def torch_forward_nhwc(model, x_nhwc: np.ndarray):
+    """Run a torch model on NHWC numpy input (transposed to NCHW), returning its raw output."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))))
