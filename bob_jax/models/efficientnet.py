@@ -16,7 +16,7 @@ import jax
 from flax import nnx
 
 from bob_jax.models import init as init_lib
-from bob_jax.models.layers import POOL_DIM_FACTOR, batch_norm, conv2d, global_pool, linear
+from bob_jax.models.layers import POOL_DIM_FACTOR, DepthwiseConv2d, batch_norm, conv2d, global_pool, linear
 
 BN_EPS_TF = 1e-3
 
@@ -67,7 +67,7 @@ def _relu6(x):
 
 class DepthwiseSeparableConv(nnx.Module):
     def __init__(self, in_ch, out_ch, kernel, stride, *, rngs):
-        self.conv_dw = conv2d(in_ch, in_ch, kernel, stride=stride, padding="SAME", groups=in_ch, rngs=rngs)
+        self.conv_dw = DepthwiseConv2d(in_ch, kernel, stride=stride, padding="SAME", rngs=rngs)
         self.bn1 = batch_norm(in_ch, eps=BN_EPS_TF, rngs=rngs)
         self.conv_pw = conv2d(in_ch, out_ch, 1, padding="SAME", rngs=rngs)
         self.bn2 = batch_norm(out_ch, eps=BN_EPS_TF, rngs=rngs)
@@ -85,7 +85,7 @@ class InvertedResidual(nnx.Module):
         mid = in_ch * expand
         self.conv_pw = conv2d(in_ch, mid, 1, padding="SAME", rngs=rngs)
         self.bn1 = batch_norm(mid, eps=BN_EPS_TF, rngs=rngs)
-        self.conv_dw = conv2d(mid, mid, kernel, stride=stride, padding="SAME", groups=mid, rngs=rngs)
+        self.conv_dw = DepthwiseConv2d(mid, kernel, stride=stride, padding="SAME", rngs=rngs)
         self.bn2 = batch_norm(mid, eps=BN_EPS_TF, rngs=rngs)
         self.conv_pwl = conv2d(mid, out_ch, 1, padding="SAME", rngs=rngs)
         self.bn3 = batch_norm(out_ch, eps=BN_EPS_TF, rngs=rngs)

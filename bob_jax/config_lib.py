@@ -1,0 +1,117 @@
+"""Config helpers: the typed `get_config(arg)` string parser and locking.
+
+Shared fragments (the frozen-feature battle, the original's linear-probe recipe) live here, inside
+the package, so a config file works from any directory. Config files are Python modules with `get_config(arg: str | None) -> ConfigDict`; `arg` is a
+comma-separated `key=value` string whose keys and types are declared by the config file
+(big_vision's convention): `--config=configs/resnet.py:weights=random,input_size=128`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+
+def _cast(key: str, value: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"config arg {key}={value!r}: expected a boolean")
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, tuple):
+        return tuple(v for v in value.split("+") if v)
+    return value
+
+
+def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
+    """Parse `"k=v,k2=v2"` against `spec` (key -> default, whose type is the value's type).
+
+    Tuples are written with `+` separators (`backbones=a.x+b.y`). An unknown key is an error that
+    names it and lists the accepted ones.
+    """
+    out = dict(spec)
+    for item in (arg or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"config arg {item!r} is not key=value")
+        if key not in spec:
+            raise ValueError(f"unknown config arg {key!r}; accepted: {sorted(spec)}")
+        out[key] = _cast(key, value, spec[key])
+    return ml_collections.ConfigDict(out)
+
+
+def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Lock a config so that a mistyped or unknown key is an error naming the key."""
+    config.lock()
+    return config
+
+
+
+def linear_probe_config(epochs: int = 90, warmup_epochs: int = 10, batch_size: int = 256) -> ml_collections.ConfigDict:
+    """The original (MAE) linear-probe recipe: non-affine BN + linear head, LARS, base lr 0.1 scaled
+    by batch/256, weight decay 0, warmup then half-cosine (bob-spec.md section 3.2)."""
+    return ml_collections.ConfigDict(
+        dict(
+            epochs=epochs,
+            warmup_epochs=warmup_epochs,
+            batch_size=batch_size,
+            base_lr=0.1,
+            weight_decay=0.0,
+            momentum=0.9,
+            use_bn=True,
+            seed=0,
+            log_every_steps=50,
+        )
+    )
+
+
+def battle_config(
+    *,
+    backbones,
+    dataset="fashion_mnist",
+    train_size=0,
+    test_size=0,
+    input_size=0,
+    tasks=("linear_probe", "knn", "retrieval"),
+    protocol="local",
+) -> ml_collections.ConfigDict:
+    """A frozen-feature battle. `input_size=0` keeps each backbone's pretrained input size;
+    `train_size`/`test_size` 0 use whole splits. `protocol` is recorded with every result
+    ("local": reduced data/input size; the report never ranks different protocols together)."""
+    c = ml_collections.ConfigDict()
+    c.job = "battle"
+    c.backbones = tuple(backbones)
+    c.tasks = tuple(tasks)
+    c.protocol = protocol
+    c.seed = 0
+    c.input_size = input_size
+    c.normalization = "backbone"  # or "imagenet": the original linear probe's fixed ImageNet stats
+    c.batch_size = 64
+    c.num_workers = 0
+    c.mesh = ""  # "data=-1" style; empty: every device on the "data" axis
+    c.progress = True
+    c.force = False
+    c.dataset = ml_collections.ConfigDict(
+        dict(
+            name=dataset,
+            train_split="train",
+            test_split="test",
+            train_size=train_size,
+            test_size=test_size,
+            seed=0,
+            data_dir="",
+        )
+    )
+    c.linear_probe = linear_probe_config()
+    c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07, extra_ks=(10, 100)))
+    c.retrieval = ml_collections.ConfigDict(dict(ks=(1, 5, 10)))
+    return c

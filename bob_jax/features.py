@@ -1,0 +1,134 @@
+"""Frozen features: extracted once per (backbone, weights, dataset, preprocessing), then shared.
+
+Every frozen-feature task (linear probe on cached features, kNN, retrieval) reads the same arrays,
+so a backbone's trunk runs over a dataset exactly once. Extraction is a jitted forward over a mesh
+(batch sharded on "data", weights replicated); uint8 batches are normalised on the device. Arrays
+are cached as `.npz` under a key that hashes everything that determines them, written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from bob_jax import parallel
+from bob_jax.backbones.preprocess import Preprocess, normalize
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    features: np.ndarray  # [N, D] float32
+    labels: np.ndarray  # [N] int32
+    key: str
+    cached: bool = False
+
+
+def cache_key(model: nnx.Module, source_info: dict, preprocess: Preprocess, output: str) -> str:
+    payload = {
+        "backbone": model.name,
+        "weights": model.weights_id,
+        "source": source_info,
+        "preprocess": preprocess.to_dict(),
+        "output": output,
+        "format": 1,
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def _embed_fn(graphdef, preprocess: Preprocess, output: str, mesh):
+    def embed(state, images):
+        model = nnx.merge(graphdef, state)
+        return model(normalize(images, preprocess))[output]
+
+    return jax.jit(
+        embed,
+        in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
+        out_shardings=parallel.data_sharding(mesh),
+    )
+
+
+def extract_features(
+    model: nnx.Module,
+    source,
+    *,
+    preprocess: Preprocess | None = None,
+    batch_size: int = 64,
+    output: str = "pooled",
+    mesh: jax.sharding.Mesh | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    description: str = "features",
+) -> Features:
+    """`model`'s `output` ("pooled" by default) for every example of `source`, in source order."""
+    from bob_jax.data.pipelines import eval_batches
+    from bob_jax.data.transforms import EvalTransform
+
+    preprocess = preprocess or model.preprocess
+    key = cache_key(model, source.describe(), preprocess, output)
+    path = pathlib.Path(cache_dir) / f"{key}.npz" if cache_dir else None
+    if path is not None and path.exists():
+        with np.load(path) as f:
+            return Features(f["features"], f["labels"], key, cached=True)
+
+    mesh = mesh or parallel.make_mesh()
+    shards = parallel.num_data_shards(mesh)
+    batch_size = -(-batch_size // shards) * shards  # a multiple of the data shards
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, parallel.replicated(mesh))
+    embed = _embed_fn(graphdef, preprocess, output, mesh)
+    feats, labels = [], []
+    batches = eval_batches(source, EvalTransform(preprocess), batch_size, num_workers=num_workers)
+    total = -(-len(source) // batch_size)
+    with _progress(progress, description, total) as advance:
+        for batch in batches:
+            out = embed(state, parallel.shard_batch({"image": batch["image"]}, mesh)["image"])
+            keep = batch["mask"]
+            feats.append(np.asarray(out, np.float32)[keep])
+            labels.append(batch["label"][keep].astype(np.int32))
+            advance()
+    result = Features(np.concatenate(feats), np.concatenate(labels), key)
+    if path is not None:
+        _save_atomic(path, result)
+    return result
+
+
+def _save_atomic(path: pathlib.Path, feats: Features) -> None:
+    from bob_jax.results import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, features=feats.features, labels=feats.labels)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+class _progress:
+    """A rich progress bar (or nothing), used as `with _progress(...) as advance: advance()`."""
+
+    def __init__(self, enabled: bool, description: str, total: int):
+        self.enabled, self.description, self.total = enabled, description, total
+
+    def __enter__(self) -> Any:
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False
+        )
+        self.bar.start()
+        task = self.bar.add_task(self.description, total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.stop()

@@ -1,0 +1,63 @@
+"""Frozen-feature tasks: each reads cached train/test features and returns metrics.
+
+A task entry names its primary metric (what the ranking scores) and turns the task's config
+section into keyword arguments. Linear probe (BoB/MAE recipe, LARS), kNN (DINO temperature
+weighting) and retrieval (test queries against the train database, same class = positive).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from bob_jax.features import Features
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenTask:
+    name: str
+    primary_metric: str
+    run: Callable[..., dict[str, float]]
+
+
+def linear_probe(train: Features, test: Features, *, num_classes: int, cfg: Mapping[str, Any], mesh, workdir,
+                 progress: bool) -> dict[str, float]:
+    from bob_jax.tasks.linear_probe import LinearProbeConfig, run_linear_probe
+
+    out = run_linear_probe(
+        train.features, train.labels, test.features, test.labels,
+        num_classes=num_classes, config=LinearProbeConfig(**dict(cfg)), mesh=mesh, workdir=workdir,
+        progress=progress,
+    )
+    return {k: float(v) for k, v in out.items() if np.isscalar(v) and not isinstance(v, str)}
+
+
+def knn(train: Features, test: Features, *, num_classes: int, cfg: Mapping[str, Any], mesh, workdir,
+        progress: bool) -> dict[str, float]:
+    from bob_jax.evaluate.knn import knn_classify_multi
+
+    ks = tuple(sorted({int(cfg["k"]), *(int(k) for k in cfg["extra_ks"])}))
+    preds = knn_classify_multi(
+        train.features, train.labels, test.features, num_classes=num_classes, ks=ks,
+        temperature=float(cfg["temperature"]),
+    )
+    metrics = {f"top1@k={k}": float(np.mean(np.asarray(p) == test.labels)) for k, p in preds.items()}
+    metrics["top1"] = metrics[f"top1@k={int(cfg['k'])}"]
+    return metrics
+
+
+def retrieval(train: Features, test: Features, *, num_classes: int, cfg: Mapping[str, Any], mesh, workdir,
+              progress: bool) -> dict[str, float]:
+    from bob_jax.evaluate.retrieval import retrieval_metrics
+
+    return retrieval_metrics(test.features, train.features, test.labels, train.labels, ks=tuple(cfg["ks"]))
+
+
+TASKS = {
+    "linear_probe": FrozenTask("linear_probe", "top1", linear_probe),
+    "knn": FrozenTask("knn", "top1", knn),
+    "retrieval": FrozenTask("retrieval", "mAP_revisited", retrieval),
+}

@@ -1,0 +1,55 @@
+"""bob_jax entry point: `python -m bob_jax.main --config=configs/<name>.py[:arg] --workdir=DIR`.
+
+The config file's `get_config(arg)` returns a locked ConfigDict, so `--config.key=value` overrides
+work and a mistyped key is an error naming it. `config.job` picks what runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:arg]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: results, features, checkpoints, report.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    os.path.join(os.path.expanduser("~"), ".cache", "bob_jax", "xla"),
+    "Persistent XLA compilation cache directory ('' disables it).",
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+JOBS = ("battle",)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    if _CACHE.value:
+        jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    config = _CONFIG.value
+    if config.job not in JOBS:
+        raise app.UsageError(f"config.job={config.job!r} is not one of {JOBS}")
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    logging.info("config:\n%s", config)
+    from rich.console import Console
+
+    from bob_jax import battle
+
+    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+    out = battle.run(config, _WORKDIR.value, console=console)
+    for kind, path in out["paths"].items():
+        console.print(f"wrote {kind}: {path}", markup=False, highlight=False)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
