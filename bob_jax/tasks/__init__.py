@@ -1,0 +1,1 @@
+"""BoB task recipes (linear probing, kNN, retrieval, ...); import the submodules directly."""
