@@ -85,6 +85,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, console=
     unknown = [t for t in config.tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; available: {sorted(TASKS)}")
+    known = backbones.list_backbones()
+    bad = [spec for spec in config.backbones if parse_backbone(spec)[0] not in known]
+    if bad:
+        raise ValueError(f"unknown backbone(s) {bad}; entries are 'arch.tag@weights' with arch.tag one of {known}")
     mesh = parallel.make_mesh(parse_mesh(config.mesh))
     train_src, test_src = load_data(config.dataset)
     num_classes = int(train_src.num_classes)
@@ -107,8 +111,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, console=
             key = run_key(label, model.weights_id, task, dataset, split, config.protocol, config.seed, hparams)
             if config.force or not store.exists(key):
                 pending.append((task, key, hparams))
-            else:
-                log.info("%s / %s: finished earlier (%s), skipped", label, task, key)
+            elif console is not None:
+                console.print(f"{label} / {task}: finished earlier ({key}), skipped", markup=False)
         if not pending:
             continue
         feature_kw = dict(preprocess=pre, batch_size=config.batch_size, mesh=mesh,
@@ -134,7 +138,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, console=
                 "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
                 "environment": env,
             })
-            log.info("%s / %s: %s", label, task, {k: round(v, 4) for k, v in metrics.items()})
+            line = f"{label} / {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            log.info(line)
+            if console is not None:
+                console.print(line, markup=False, highlight=False)
 
     records = store.records()
     paths = write_report(records, workdir / "report", console=console)

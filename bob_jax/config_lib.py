@@ -70,6 +70,8 @@ def linear_probe_config(epochs: int = 90, warmup_epochs: int = 10, batch_size: i
             use_bn=True,
             seed=0,
             log_every_steps=50,
+            # Checkpoint (head, optimizer, data iterator) every N steps; resumed after a kill.
+            checkpoint_every_steps=200,
         )
     )
 
@@ -82,11 +84,14 @@ def battle_config(
     test_size=0,
     input_size=0,
     tasks=("linear_probe", "knn", "retrieval"),
-    protocol="local",
+    protocol=None,
 ) -> ml_collections.ConfigDict:
     """A frozen-feature battle. `input_size=0` keeps each backbone's pretrained input size;
-    `train_size`/`test_size` 0 use whole splits. `protocol` is recorded with every result
-    ("local": reduced data/input size; the report never ranks different protocols together)."""
+    `train_size`/`test_size` 0 use whole splits. `protocol` is recorded with every result and the
+    report never ranks different protocols together; by default it is "bob" for full splits at the
+    backbones' own input sizes and "local" when data or input size are reduced."""
+    if protocol is None:
+        protocol = "local" if (train_size or test_size or input_size) else "bob"
     c = ml_collections.ConfigDict()
     c.job = "battle"
     c.backbones = tuple(backbones)

@@ -29,6 +29,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
 
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax and grain log every save/read at INFO; progress bars and result lines say enough.
+        logging.set_verbosity(logging.WARNING)
     if _CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _CACHE.value)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -37,6 +40,9 @@ def main(argv):
         raise app.UsageError(f"config.job={config.job!r} is not one of {JOBS}")
     os.makedirs(_WORKDIR.value, exist_ok=True)
     logging.info("config:\n%s", config)
+    if jax.process_index() == 0:
+        with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     from rich.console import Console
 
     from bob_jax import battle
