@@ -15,6 +15,8 @@ os.environ.setdefault("TIMM_FUSED_ATTN", "0")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from bob_jax.testing.reference import require_reference  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
 _cache = os.environ.get("BOB_JAX_TEST_COMPILATION_CACHE")
 if _cache:
@@ -28,20 +30,6 @@ def pytest_configure(config):
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()
-
-
-def require_reference():
-    """Import torch and timm, or skip (fail when BOB_JAX_REQUIRE_REFERENCE=1)."""
-    try:
-        import timm
-        import torch
-    except Exception as e:  # pragma: no cover - depends on the install
-        if os.environ.get("BOB_JAX_REQUIRE_REFERENCE") == "1":
-            pytest.fail(f"reference tests are required but torch/timm do not import: {e!r}")
-        pytest.skip(f"torch/timm not importable: {e!r}")
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    return torch, timm
 
 
 @pytest.fixture

@@ -3,9 +3,28 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import numpy as np
+
+
+def require_reference():
+    """Import torch and timm for a reference test, or skip it; with BOB_JAX_REQUIRE_REFERENCE=1
+    (CI) a missing or broken torch/timm fails the test instead, so a broken install never passes."""
+    import pytest
+
+    try:
+        import timm
+        import torch
+    except Exception as e:  # pragma: no cover - depends on the install
+        if os.environ.get("BOB_JAX_REQUIRE_REFERENCE") == "1":
+            pytest.fail(f"reference tests are required but torch/timm do not import: {e!r}")
+        pytest.skip(f"torch/timm not importable: {e!r}")
+    # Parity is measured in true float32: no TF32 in cuDNN convs or matmuls.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return torch, timm
 
 
 def redraw_parameters(model, seed: int, overrides: dict[str, float] | None = None):

@@ -7,6 +7,7 @@ from bob_jax import backbones
 from bob_jax.backbones.preprocess import normalize
 from bob_jax.models.layers import DepthwiseConv2d
 from bob_jax.testing import assert_parity
+from bob_jax.testing.reference import require_reference
 
 # ImageNet ids: 281 tabby, 282 tiger cat, 285 Egyptian cat, 967 espresso, 872 tripod.
 EXPECTED_TOP1 = {"chelsea": {281, 282, 285}, "coffee": {967}, "camera": {872}}
@@ -29,8 +30,6 @@ def lite0():
 
 @pytest.fixture(scope="module")
 def timm_lite0(lite0):
-    from conftest import require_reference
-
     torch, timm = require_reference()
     from bob_jax.backbones import resolve_pretrained_file
     from bob_jax.backbones.zoo import ZOO

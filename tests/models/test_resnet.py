@@ -6,15 +6,18 @@ import pytest
 from bob_jax import backbones
 from bob_jax.convert import ConversionError
 from bob_jax.testing import assert_parity, parity_error
-from bob_jax.testing.reference import check_output_scale, redraw_parameters, state_dict_numpy
+from bob_jax.testing.reference import (
+    check_output_scale,
+    redraw_parameters,
+    require_reference,
+    state_dict_numpy,
+)
 
 pytestmark = pytest.mark.reference
 
 
 @pytest.fixture(scope="module")
 def timm_resnet50():
-    from conftest import require_reference
-
     torch, timm = require_reference()
     return {seed: redraw_parameters(timm.create_model("resnet50", pretrained=False).eval(), seed)
             for seed in (0, 1)}
