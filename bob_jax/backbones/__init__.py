@@ -24,9 +24,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from bob_jax.backbones.families import ARCH_TO_FAMILY, Family
+from bob_jax.backbones.family import Family
 from bob_jax.backbones.preprocess import Preprocess, normalize
-from bob_jax.backbones.zoo import DEFAULT_PREPROCESS, ZOO, HubWeights, PackageWeights, ZooEntry
+from bob_jax.backbones.zoo import ARCH_TO_FAMILY, DEFAULT_PREPROCESS, ZOO
+from bob_jax.backbones.zoo_types import HubWeights, PackageWeights, ZooEntry
 from bob_jax.convert import ConversionError, abstract_leaves, apply_rules, load_leaves
 from bob_jax.models.init import init_from_rules
 

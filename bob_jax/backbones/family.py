@@ -1,7 +1,9 @@
-"""Architecture families: how to build, randomly initialise and convert each timm architecture.
+"""`Family`: how to build, randomly initialise and convert the architectures of one timm family.
 
-Adding a family = a model file in `bob_jax/models/`, a key table in `bob_jax/convert/`, one
-`Family` here, and its pretrained tags in `zoo.py`.
+Each family is declared in its own module `bob_jax/families/<name>.py` as `FAMILY = Family(...)`,
+with its pretrained tags (`entries`); `bob_jax.backbones.zoo` discovers them all. Adding a family =
+a model file in `bob_jax/models/`, a key table in `bob_jax/convert/`, a module in
+`bob_jax/families/` and a parity test.
 """
 
 from __future__ import annotations
@@ -13,10 +15,8 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from bob_jax.backbones.zoo_types import ZooEntry
 from bob_jax.convert import Rule
-from bob_jax.convert import efficientnet as effnet_convert
-from bob_jax.convert import resnet as resnet_convert
-from bob_jax.models import efficientnet, resnet
 from bob_jax.models.init import InitFn
 
 
@@ -31,6 +31,7 @@ class Family:
     head_prefixes: tuple[str, ...]  # source keys of the classifier head (dropped when num_classes changes)
     # Renames other published layouts into timm keys; chosen by `detect(state_dict)`.
     foreign_layouts: Sequence[tuple[Callable[[Mapping[str, np.ndarray]], bool], Callable]] = ()
+    entries: Sequence[ZooEntry] = ()  # pretrained tags: preprocessing and weight source
 
     def config(self, arch: str, arch_kwargs: Mapping[str, Any]):
         unknown = sorted(set(arch_kwargs) - set(self.arch_kwargs))
@@ -45,30 +46,3 @@ class Family:
             if detect(state_dict):
                 return rename(dict(state_dict))
         return state_dict
-
-
-FAMILIES = (
-    Family(
-        name="resnet",
-        archs=resnet.ARCHS,
-        arch_kwargs=resnet.ARCH_KWARGS,
-        model=resnet.ResNet,
-        init_rules=resnet.init_rules,
-        timm_rules=resnet_convert.TIMM_RULES,
-        head_prefixes=("fc.",),
-    ),
-    Family(
-        name="efficientnet",
-        archs=efficientnet.ARCHS,
-        arch_kwargs=efficientnet.ARCH_KWARGS,
-        model=efficientnet.EfficientNet,
-        init_rules=efficientnet.init_rules,
-        timm_rules=effnet_convert.TIMM_RULES,
-        head_prefixes=("classifier.",),
-        foreign_layouts=(
-            (lambda sd: "_conv_stem.weight" in sd, effnet_convert.effnet_pytorch_to_timm),
-        ),
-    ),
-)
-
-ARCH_TO_FAMILY = {arch: fam for fam in FAMILIES for arch in fam.archs}
