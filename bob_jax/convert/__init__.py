@@ -8,6 +8,7 @@ from bob_jax.convert.core import (
     conv_weight,
     linear_weight,
     load_leaves,
+    shape_stand_in,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "conv_weight",
     "linear_weight",
     "load_leaves",
+    "shape_stand_in",
 ]

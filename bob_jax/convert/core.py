@@ -65,8 +65,12 @@ def apply_rules(
     targets: Mapping[str, jax.ShapeDtypeStruct],
     *,
     source: str = "state dict",
+    check_only: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Map `state_dict` through `rules` onto the leaves in `targets` (dotted path -> shape/dtype)."""
+    """Map `state_dict` through `rules` onto the leaves in `targets` (dotted path -> shape/dtype).
+
+    `check_only=True` does the full key and shape accounting without copying any data (use it with
+    `shape_stand_in` arrays to account a giant model in seconds)."""
     out: dict[str, np.ndarray] = {}
     producers: dict[str, str] = {}
     attempted: set[str] = set()  # targets some source key aimed at, filled or not
@@ -98,7 +102,7 @@ def apply_rules(
             misshapen.append(f"{key} -> {target}: source gives {tuple(value.shape)}, model needs {want}")
             continue
         producers[target] = key
-        out[target] = value.astype(targets[target].dtype)
+        out[target] = value if check_only else value.astype(targets[target].dtype)
     missing = sorted(set(targets) - attempted)
     problems = []
     if unmatched:
@@ -118,6 +122,11 @@ def apply_rules(
             "architecture and variant (and pass key=... for nested checkpoints)."
         )
     return out
+
+
+def shape_stand_in(shape, dtype=np.float32) -> np.ndarray:
+    """A zero-stride array of `shape` that occupies one element of memory (for shape accounting)."""
+    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape=tuple(shape), strides=(0,) * len(shape))
 
 
 def _path_str(path) -> str:

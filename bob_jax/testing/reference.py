@@ -89,3 +89,27 @@ def torch_forward_nhwc(model, x_nhwc: np.ndarray):
 
     with torch.no_grad():
         return model(torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))))
+
+
+def account_against_timm(name: str, **arch_kwargs) -> int:
+    """Key and shape accounting of bob_jax's `name` against timm's model built on the meta device.
+
+    No tensor data is allocated on either side (timm on `meta`, bob_jax via `nnx.eval_shape`), so
+    this takes seconds even for giant models. Raises ConversionError listing every problem; returns
+    the number of tensors accounted.
+    """
+    import timm
+    import torch
+
+    from bob_jax.backbones import _abstract, _family, _split_name
+    from bob_jax.convert import abstract_leaves, apply_rules, shape_stand_in
+
+    arch, _ = _split_name(name)
+    with torch.device("meta"):
+        ref = timm.create_model(arch, pretrained=False, **arch_kwargs)
+    state_dict = {k: shape_stand_in(v.shape) for k, v in ref.state_dict().items()}
+    family = _family(arch)
+    model = _abstract(family, arch, arch_kwargs)
+    state_dict = family.to_timm_layout(state_dict)
+    apply_rules(state_dict, family.timm_rules, abstract_leaves(model), source=f"timm {arch} (meta)", check_only=True)
+    return len(state_dict)
