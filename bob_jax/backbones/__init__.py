@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from bob_jax.backbones import converted
 from bob_jax.backbones.family import Family
 from bob_jax.backbones.preprocess import Preprocess, normalize
 from bob_jax.backbones.zoo import ARCH_TO_FAMILY, DEFAULT_PREPROCESS, ZOO
@@ -208,6 +209,8 @@ def create(
         model = _abstract(family, arch, arch_kwargs)
         leaves = init_from_rules(abstract_leaves(model), family.init_rules(cfg), seed)
         return _finish(load_leaves(model, leaves), name, entry.preprocess, f"random-init:seed={seed}")
+    if weights != "pretrained" and converted.is_converted_dir(weights):
+        return _load_converted(name, weights, arch_kwargs)
     path = resolve_pretrained_file(entry) if weights == "pretrained" else pathlib.Path(weights)
     state_dict, sha = _load_file(path, weights_key)
     if isinstance(entry.weights, PackageWeights) and weights == "pretrained":
@@ -219,6 +222,20 @@ def create(
         family, arch, state_dict, arch_kwargs, source=str(path), drop_head=num_classes != entry.num_classes
     )
     return _finish(model, name, entry.preprocess, f"sha256:{sha}")
+
+
+def _load_converted(name: str, path, arch_kwargs: Mapping[str, Any]) -> nnx.Module:
+    """A directory written by `python -m converters.convert` (Orbax leaves + manifest)."""
+    leaves, manifest = converted.load(path)
+    if manifest["name"] != name:
+        raise ValueError(f"{path} holds a converted {manifest['name']!r}, not {name!r}")
+    kwargs = {**manifest.get("arch_kwargs", {}), **arch_kwargs}
+    arch, _ = _split_name(name)
+    model = _abstract(_family(arch), arch, kwargs)
+    num_classes = kwargs.get("num_classes", ZOO[name].num_classes)
+    if num_classes != manifest.get("arch_kwargs", {}).get("num_classes", ZOO[name].num_classes):
+        raise ValueError(f"{path} was converted with its head; reconvert with the num_classes you need")
+    return _finish(load_leaves(model, leaves), name, ZOO[name].preprocess, f"sha256:{manifest['source_sha256']}")
 
 
 def _create_user(name, *, weights, seed, weights_key, **arch_kwargs) -> nnx.Module:

@@ -1,0 +1,1 @@
+"""Conversion tools run from the repository root (`python -m converters.convert ...`)."""
