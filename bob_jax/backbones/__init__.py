@@ -42,6 +42,7 @@ __all__ = [
     "normalize",
     "register",
     "resolve_pretrained_file",
+    "set_compute_dtype",
 ]
 
 
@@ -106,6 +107,18 @@ def _family(arch: str) -> Family:
 def _abstract(family: Family, arch: str, arch_kwargs: Mapping[str, Any]) -> nnx.Module:
     cfg = family.config(arch, arch_kwargs)
     return nnx.eval_shape(lambda: family.model(cfg, rngs=nnx.Rngs(0)))
+
+
+def set_compute_dtype(model: nnx.Module, dtype) -> nnx.Module:
+    """Compute in `dtype` (e.g. bfloat16 on accelerators) while parameters stay float32.
+
+    Every layer with a `dtype` attribute (convs, linears, norms) computes in it; flax's norms keep
+    their statistics in float32 internally.
+    """
+    for _, module in model.iter_modules():
+        if hasattr(module, "dtype"):
+            module.dtype = dtype
+    return model
 
 
 def _finish(model: nnx.Module, name: str, preprocess: Preprocess, weights_id: str) -> nnx.Module:
@@ -184,6 +197,7 @@ def create(
     weights: str | os.PathLike | None = None,
     seed: int = 0,
     weights_key: str | None = None,
+    dtype=None,
     **arch_kwargs,
 ) -> nnx.Module:
     """Create backbone `name` (`arch.tag`, see `list_backbones()`).
@@ -192,7 +206,13 @@ def create(
     "pretrained" for the tag's published weights, or a local checkpoint path (.safetensors,
     .pth/.pt zip or legacy, .npz; `weights_key` selects a sub-dict of nested checkpoints).
     `arch_kwargs` are timm.create_model's keyword arguments (e.g. num_classes=0 drops the head).
+    `dtype` (e.g. jnp.bfloat16) sets the compute dtype; parameters stay float32.
     """
+    model = _create(name, weights=weights, seed=seed, weights_key=weights_key, **arch_kwargs)
+    return set_compute_dtype(model, dtype) if dtype is not None else model
+
+
+def _create(name, *, weights, seed, weights_key, **arch_kwargs) -> nnx.Module:
     if name in _USER:
         return _create_user(name, weights=weights, seed=seed, weights_key=weights_key, **arch_kwargs)
     arch, tag = _split_name(name)

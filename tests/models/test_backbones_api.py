@@ -96,3 +96,17 @@ def test_register_user_backbone(tmp_path):
     assert np.all(np.asarray(loaded.head.kernel[...]) == 1)
     with pytest.raises(ValueError, match="arch.tag"):
         backbones.register("untagged", build=None, convert=None, preprocess=Preprocess())
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    import jax.numpy as jnp
+
+    x = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    f32 = backbones.create("tf_efficientnet_lite0.offline", weights="pretrained")
+    bf16 = backbones.create("tf_efficientnet_lite0.offline", weights="pretrained", dtype=jnp.bfloat16)
+    want = np.asarray(backbones.forward(f32, x)["logits"])
+    got = backbones.forward(bf16, x)["logits"]
+    assert got.dtype == jnp.bfloat16 and bf16.conv_stem.kernel[...].dtype == jnp.float32
+    # bf16 has an 8-bit mantissa: agreement to a few percent of the logit range, same top-1.
+    assert np.abs(np.asarray(got, np.float32) - want).max() < 0.1 * np.abs(want).max()
+    assert (np.argmax(np.asarray(got, np.float32), -1) == np.argmax(want, -1)).all()
