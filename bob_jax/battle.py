@@ -28,15 +28,16 @@ log = logging.getLogger(__name__)
 RANDOM = "random"
 
 
-def parse_backbone(spec: str) -> tuple[str, str | None, str]:
+def parse_backbone(spec: str, override: str = "") -> tuple[str, str | None, str]:
     """`name@weights` -> (name, weights for create(), label used in results and rankings).
 
-    weights: `pretrained` (default), `random` (the source framework's random init) or a file path.
+    weights: `pretrained` (default), `random` (alias `none`: the source framework's random init) or
+    a file path; a non-empty `override` (config.weights) replaces every entry's weights.
     Random-init models are labelled `name@random` so they never merge with the pretrained ones.
     """
     name, _, weights = spec.partition("@")
-    weights = weights or "pretrained"
-    if weights == RANDOM:
+    weights = override or weights or "pretrained"
+    if weights in (RANDOM, "none"):
         return name, None, f"{name}@{RANDOM}"
     if weights == "pretrained":
         return name, "pretrained", name
@@ -86,9 +87,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, console=
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; available: {sorted(TASKS)}")
     known = backbones.list_backbones()
-    bad = [spec for spec in config.backbones if parse_backbone(spec)[0] not in known]
+    specs = [parse_backbone(spec, config.weights) for spec in config.backbones]
+    bad = [name for name, _, _ in specs if name not in known]
     if bad:
         raise ValueError(f"unknown backbone(s) {bad}; entries are 'arch.tag@weights' with arch.tag one of {known}")
+    # Fail before any work when a checkpoint is unavailable (offline, no cache, missing file).
+    for name, weights, _ in specs:
+        if weights == "pretrained":
+            backbones.resolve_pretrained_file(backbones.ZOO[name])
+        elif weights is not None and not pathlib.Path(weights).exists():
+            raise FileNotFoundError(f"{name}: weights file {weights} does not exist")
     mesh = parallel.make_mesh(parse_mesh(config.mesh))
     train_src, test_src = load_data(config.dataset)
     num_classes = int(train_src.num_classes)
@@ -96,8 +104,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, console=
     dataset = config.dataset.name
     split = f"{config.dataset.train_split}->{config.dataset.test_split}"
 
-    for spec in config.backbones:
-        name, weights, label = parse_backbone(spec)
+    for name, weights, label in specs:
         t0 = time.time()
         model = backbones.create(name, weights=weights, seed=config.seed, num_classes=0)
         pre = backbone_preprocess(model, config)

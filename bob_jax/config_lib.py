@@ -95,6 +95,8 @@ def battle_config(
     c = ml_collections.ConfigDict()
     c.job = "battle"
     c.backbones = tuple(backbones)
+    # Overrides every entry's weights: "pretrained", "random"/"none" (random init) or a path.
+    c.weights = ""
     c.tasks = tuple(tasks)
     c.protocol = protocol
     c.seed = 0

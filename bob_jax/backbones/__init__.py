@@ -33,6 +33,7 @@ from bob_jax.convert import ConversionError, abstract_leaves, apply_rules, load_
 from bob_jax.models.init import init_from_rules
 
 __all__ = [
+    "ZOO",
     "ConversionError",
     "Preprocess",
     "create",

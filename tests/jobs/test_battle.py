@@ -78,3 +78,12 @@ def test_every_config_builds():
         assert config.job == "battle" and config.backbones
         with pytest.raises(AttributeError):
             config.not_a_key = 1  # locked
+
+
+def test_missing_pretrained_weights_stop_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
+    out = _main(tmp_path / "wd", "--config=configs/resnet.py", timeout=120)
+    assert out.returncode != 0
+    assert "timm/resnet50.a1_in1k" in out.stderr and "weights=" in out.stderr
+    assert not (tmp_path / "wd" / "results").exists() and not (tmp_path / "wd" / "features").exists()
