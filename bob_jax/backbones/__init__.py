@@ -28,7 +28,7 @@ from bob_jax.backbones import converted
 from bob_jax.backbones.family import Family
 from bob_jax.backbones.preprocess import Preprocess, normalize
 from bob_jax.backbones.zoo import ARCH_TO_FAMILY, DEFAULT_PREPROCESS, ZOO
-from bob_jax.backbones.zoo_types import HubWeights, PackageWeights, ZooEntry
+from bob_jax.backbones.zoo_types import HubWeights, PackageWeights, UrlWeights, ZooEntry
 from bob_jax.convert import ConversionError, abstract_leaves, apply_rules, load_leaves
 from bob_jax.models.init import init_from_rules
 
@@ -150,6 +150,10 @@ def resolve_pretrained_file(entry: ZooEntry) -> pathlib.Path:
         from bob_jax.io import download_timm_weights
 
         return download_timm_weights(entry.name)
+    if isinstance(w, UrlWeights):
+        from bob_jax.io.release import download_release_file
+
+        return download_release_file(w.url, w.filename, sha256=w.sha256, what=entry.name)
     raise TypeError(f"unknown weight source {w!r}")
 
 
@@ -225,22 +229,27 @@ def _create(name, *, weights, seed, weights_key, **arch_kwargs) -> nnx.Module:
             f"tags for {arch}: {tags}"
         )
     entry = ZOO[name]
+    user_kwargs = dict(arch_kwargs)
+    arch_kwargs = {**entry.default_kwargs(), **arch_kwargs}
     if weights is None:
         cfg = family.config(arch, arch_kwargs)
         model = _abstract(family, arch, arch_kwargs)
         leaves = init_from_rules(abstract_leaves(model), family.init_rules(cfg), seed)
         return _finish(load_leaves(model, leaves), name, entry.preprocess, f"random-init:seed={seed}")
     if weights != "pretrained" and converted.is_converted_dir(weights):
-        return _load_converted(name, weights, arch_kwargs)
+        return _load_converted(name, weights, user_kwargs)
     path = resolve_pretrained_file(entry) if weights == "pretrained" else pathlib.Path(weights)
+    if weights == "pretrained" and isinstance(entry.weights, UrlWeights) and weights_key is None:
+        weights_key = entry.weights.key
     state_dict, sha = _load_file(path, weights_key)
     if isinstance(entry.weights, PackageWeights) and weights == "pretrained":
         if not sha.startswith(entry.weights.sha256_prefix):
             raise ConversionError(f"{path}: SHA-256 {sha[:12]}... does not match the expected prefix "
                                   f"{entry.weights.sha256_prefix} (corrupt or replaced file)")
-    num_classes = arch_kwargs.get("num_classes", entry.num_classes)
     model = _convert_family(
-        family, arch, state_dict, arch_kwargs, source=str(path), drop_head=num_classes != entry.num_classes
+        family, arch, state_dict, arch_kwargs, source=str(path),
+        # timm semantics: a head of another size, or none at all, leaves the checkpoint's head unused.
+        drop_head=arch_kwargs["num_classes"] == 0 or arch_kwargs["num_classes"] != entry.num_classes,
     )
     return _finish(model, name, entry.preprocess, f"sha256:{sha}")
 
@@ -250,12 +259,13 @@ def _load_converted(name: str, path, arch_kwargs: Mapping[str, Any]) -> nnx.Modu
     leaves, manifest = converted.load(path)
     if manifest["name"] != name:
         raise ValueError(f"{path} holds a converted {manifest['name']!r}, not {name!r}")
-    kwargs = {**manifest.get("arch_kwargs", {}), **arch_kwargs}
+    converted_kwargs = {**ZOO[name].default_kwargs(), **manifest.get("arch_kwargs", {})}
+    kwargs = {**converted_kwargs, **arch_kwargs}
+    if kwargs["num_classes"] != converted_kwargs["num_classes"]:
+        raise ValueError(f"{path} was converted with num_classes={converted_kwargs['num_classes']}; "
+                         "reconvert with the num_classes you need")
     arch, _ = _split_name(name)
     model = _abstract(_family(arch), arch, kwargs)
-    num_classes = kwargs.get("num_classes", ZOO[name].num_classes)
-    if num_classes != manifest.get("arch_kwargs", {}).get("num_classes", ZOO[name].num_classes):
-        raise ValueError(f"{path} was converted with its head; reconvert with the num_classes you need")
     return _finish(load_leaves(model, leaves), name, ZOO[name].preprocess, f"sha256:{manifest['source_sha256']}")
 
 

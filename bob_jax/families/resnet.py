@@ -2,12 +2,31 @@
 
 from bob_jax.backbones.family import Family
 from bob_jax.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from bob_jax.backbones.zoo_types import HubWeights, ZooEntry
+from bob_jax.backbones.zoo_types import HubWeights, UrlWeights, ZooEntry
 from bob_jax.convert import resnet as convert
 from bob_jax.models import resnet
 
 _BICUBIC = dict(interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 _BILINEAR = dict(interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+_SSL_PREFIXES = ("module.", "backbone.")
+
+
+def _is_prefixed(state_dict) -> bool:
+    return any(k.startswith(_SSL_PREFIXES) for k in state_dict)
+
+
+def _strip_prefixes(state_dict):
+    """Official self-supervised releases (DINO, VICReg) keep torchvision names under a wrapper prefix."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in _SSL_PREFIXES:
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+                break
+        out[k] = v
+    return out
+
 
 FAMILY = Family(
     name="resnet",
@@ -17,6 +36,7 @@ FAMILY = Family(
     init_rules=resnet.init_rules,
     timm_rules=convert.TIMM_RULES,
     head_prefixes=("fc.",),
+    foreign_layouts=((_is_prefixed, _strip_prefixes),),
     entries=(
         ZooEntry("resnet50", "a1_in1k", Preprocess(224, 0.95, **_BICUBIC), HubWeights("timm/resnet50.a1_in1k"),
                  license="apache-2.0", notes="timm's default resnet50 (A1 recipe); the original's classification weights"),
@@ -26,5 +46,12 @@ FAMILY = Family(
                  license="apache-2.0", notes="timm's default resnet101"),
         ZooEntry("resnet101", "tv_in1k", Preprocess(224, 0.875, **_BILINEAR), HubWeights("timm/resnet101.tv_in1k"),
                  license="bsd-3-clause"),
+        ZooEntry("resnet50", "dino", Preprocess(224, 0.875, **_BILINEAR),
+                 UrlWeights("https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth",
+                            "dino_resnet50_pretrain.pth"),
+                 num_classes=0, license="apache-2.0", notes="DINO self-supervised ResNet-50 (official release)"),
+        ZooEntry("resnet50", "vicreg", Preprocess(224, 0.875, **_BILINEAR),
+                 UrlWeights("https://dl.fbaipublicfiles.com/vicreg/resnet50.pth", "vicreg_resnet50.pth"),
+                 num_classes=0, license="mit", notes="VICReg self-supervised ResNet-50 (official release)"),
     ),
 )

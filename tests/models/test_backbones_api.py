@@ -110,3 +110,21 @@ def test_bfloat16_compute_keeps_float32_parameters():
     # bf16 has an 8-bit mantissa: agreement to a few percent of the logit range, same top-1.
     assert np.abs(np.asarray(got, np.float32) - want).max() < 0.1 * np.abs(want).max()
     assert (np.argmax(np.asarray(got, np.float32), -1) == np.argmax(want, -1)).all()
+
+
+def test_ssl_release_files_load_after_prefix_stripping(tmp_path, reference):
+    """DINO/VICReg ResNet-50 releases: torchvision names under `module.`/`backbone.`, no head."""
+    torch, timm = reference
+    from bob_jax.testing.reference import redraw_parameters
+
+    ref = redraw_parameters(timm.create_model("resnet50", pretrained=False, num_classes=0).eval(), 5)
+    torch.save({f"module.{k}": v for k, v in ref.state_dict().items()}, tmp_path / "dino.pth")
+    torch.save({f"backbone.{k}": v for k, v in ref.state_dict().items()}, tmp_path / "vicreg.pth")
+    x = np.random.default_rng(1).standard_normal((1, 64, 64, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    for tag in ("dino", "vicreg"):
+        model = backbones.create(f"resnet50.{tag}", weights=tmp_path / f"{tag}.pth")
+        out = backbones.forward(model, x)
+        assert "logits" not in out
+        assert_parity(out["pooled"], want)
