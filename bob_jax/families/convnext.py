@@ -1,0 +1,65 @@
+"""ConvNeXt (timm `convnext.py`): model, timm random init, key tables and pretrained tags.
+
+The VICRegL ConvNeXt-XL is not hosted by timm: its official backbone file (URL in the entry's notes)
+uses the original ConvNeXt key layout, renamed to timm's by `convert.official_to_timm`, and loads
+from a local path: create("convnext_xlarge.vicregl_alpha0p75", weights=<file>, num_classes=0,
+head_norm_first=True) (VICRegL's network: final norm before the average pool, no classifier; its
+blocks have no layer scale, loaded as gamma = 1).
+"""
+
+import dataclasses
+
+from bob_jax.backbones.family import Family
+from bob_jax.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from bob_jax.backbones.zoo_types import HubWeights, ZooEntry
+from bob_jax.convert import convnext as convert
+from bob_jax.models import convnext
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseWeights:
+    """An official release file timm does not host: download `url` yourself, pass weights=<path>."""
+
+    url: str
+
+
+# timm pretrained_cfg of every fb_* tag: 224, crop 0.875, bicubic, ImageNet mean/std.
+_FB = Preprocess(224, 0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
+# VICRegL `MultiCropValDataTransform`: Resize(256, bicubic), CenterCrop(224), std 0.228 (sic) for red.
+_VICREGL = Preprocess(224, 0.875, "bicubic", IMAGENET_MEAN, (0.228, 0.224, 0.225))
+_IN22K = 21841
+
+
+def _fb(arch, tag, num_classes=1000, notes=""):
+    return ZooEntry(arch, tag, _FB, HubWeights(f"timm/{arch}.{tag}"), num_classes=num_classes,
+                    license="apache-2.0", notes=notes)
+
+
+VICREGL_URL = "https://dl.fbaipublicfiles.com/vicregl/convnext_xlarge_alpha0.75.pth"
+
+FAMILY = Family(
+    name="convnext",
+    archs=convnext.ARCHS,
+    arch_kwargs=convnext.ARCH_KWARGS,
+    model=convnext.ConvNeXt,
+    init_rules=convnext.init_rules,
+    timm_rules=convert.TIMM_RULES,
+    head_prefixes=("head.fc.",),
+    foreign_layouts=((convert.is_official_layout, convert.official_to_timm),),
+    entries=(
+        _fb("convnext_tiny", "fb_in1k", notes="EMA weights of the original IN-1k ConvNeXt-T"),
+        _fb("convnext_small", "fb_in1k"),
+        _fb("convnext_small", "fb_in22k_ft_in1k"),
+        _fb("convnext_base", "fb_in1k"),
+        _fb("convnext_base", "fb_in22k", num_classes=_IN22K, notes="IN-22k head (21841 classes)"),
+        _fb("convnext_base", "fb_in22k_ft_in1k", notes="timm's default convnext_base"),
+        _fb("convnext_xlarge", "fb_in22k", num_classes=_IN22K, notes="IN-22k head (21841 classes)"),
+        _fb("convnext_xlarge", "fb_in22k_ft_in1k"),
+        ZooEntry(
+            "convnext_xlarge", "vicregl_alpha0p75", _VICREGL, ReleaseWeights(VICREGL_URL), num_classes=0,
+            license="cc-by-nc",
+            notes=f"VICRegL (alpha 0.75) backbone, official file {VICREGL_URL}; not on the hub: pass "
+                  "weights=<local file> with num_classes=0, head_norm_first=True",
+        ),
+    ),
+)
