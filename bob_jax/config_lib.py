@@ -122,3 +122,29 @@ def battle_config(
     c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07, extra_ks=(10, 100)))
     c.retrieval = ml_collections.ConfigDict(dict(ks=(1, 5, 10)))
     return c
+
+
+def backbone_config(
+    arg: str | None,
+    *,
+    arch: str,
+    tag: str,
+    train_size: int = 2000,
+    test_size: int = 1000,
+    input_size: int = 112,
+) -> ml_collections.ConfigDict:
+    """One family's config file: one backbone (`arch.tag`) through the frozen-feature tasks.
+
+    Declared args: arch, tag, weights (pretrained | random | none | path), dataset, train_size,
+    test_size, input_size (0 = the tag's own), tasks (`+`-separated). The defaults run offline on
+    the embedded Fashion-MNIST subset with `--config.weights=none`.
+    """
+    a = parse_arg(
+        arg, arch=arch, tag=tag, weights="pretrained", dataset="fashion_mnist", train_size=train_size,
+        test_size=test_size, input_size=input_size, tasks=("linear_probe", "knn", "retrieval"),
+    )
+    config = battle_config(
+        backbones=(f"{a.arch}.{a.tag}@{a.weights}",), dataset=a.dataset, train_size=a.train_size,
+        test_size=a.test_size, input_size=a.input_size, tasks=a.tasks,
+    )
+    return lock(config)
