@@ -172,8 +172,11 @@ def _convert_family(
     source: str,
     drop_head: bool,
 ) -> nnx.Module:
-    model = _abstract(family, arch, arch_kwargs)
+    cfg = family.config(arch, arch_kwargs)
+    model = nnx.eval_shape(lambda: family.model(cfg, rngs=nnx.Rngs(0)))
     state_dict = family.to_timm_layout(state_dict)
+    if family.adapt is not None:
+        state_dict = family.adapt(state_dict, cfg)
     if drop_head:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(family.head_prefixes)}
     leaves = apply_rules(state_dict, family.timm_rules, abstract_leaves(model), source=source)

@@ -32,6 +32,9 @@ class Family:
     # Renames other published layouts into timm keys; chosen by `detect(state_dict)`.
     foreign_layouts: Sequence[tuple[Callable[[Mapping[str, np.ndarray]], bool], Callable]] = ()
     entries: Sequence[ZooEntry] = ()  # pretrained tags: preprocessing and weight source
+    # timm's checkpoint_filter_fn step that depends on the target config (e.g. resampling a position
+    # embedding to the model's grid): adapt(state_dict, cfg) -> state_dict, after foreign layouts.
+    adapt: Callable[[Mapping[str, np.ndarray], Any], Mapping[str, np.ndarray]] | None = None
 
     def config(self, arch: str, arch_kwargs: Mapping[str, Any]):
         unknown = sorted(set(arch_kwargs) - set(self.arch_kwargs))
