@@ -17,7 +17,7 @@ from bob_jax.backbones.preprocess import (
     INCEPTION_STD,
     Preprocess,
 )
-from bob_jax.backbones.zoo_types import HubWeights, ZooEntry
+from bob_jax.backbones.zoo_types import HubWeights, UrlWeights, ZooEntry
 from bob_jax.convert import vit as convert
 from bob_jax.models import vit
 
@@ -65,6 +65,21 @@ for _size in ("small", "base", "large", "giant"):
                                  "it like timm (bicubic, antialias), which differs from the official DINOv2 "
                                  "hub code for the register-free models"))
 
+# MoCo v3 (facebookresearch/moco-v3 release files, `state_dict` entry, keys under `module.base_encoder.`):
+# ViT-S has 12 heads (timm's ViT-S: 6) -- the weights cannot tell, so the entry fixes it. Eval transform
+# of MoCo's linear probe: Resize(256) + CenterCrop(224), torchvision default (bilinear), ImageNet stats.
+_MOCO = Preprocess(224, 0.875, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
+for _arch, _url, _kw in (
+    ("vit_small_patch16_224", "https://dl.fbaipublicfiles.com/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar",
+     (("num_heads", 12),)),
+    ("vit_base_patch16_224", "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar", ()),
+):
+    _ENTRIES.append(ZooEntry(
+        _arch, "mocov3", _MOCO, UrlWeights(_url, _url.rsplit("/", 1)[1], key="state_dict"), num_classes=0,
+        license="cc-by-nc-4.0", arch_kwargs=_kw,
+        notes="MoCo v3 300-epoch pre-training, base encoder (momentum encoder, projector, predictor "
+              "dropped); pos_embed is a fixed 2-D sin-cos table stored in the checkpoint"))
+
 FAMILY = Family(
     name="vit",
     archs=vit.ARCHS,
@@ -75,15 +90,4 @@ FAMILY = Family(
     head_prefixes=("head.",),
     foreign_layouts=((convert.is_mocov3, convert.mocov3_to_timm),),
     entries=tuple(_ENTRIES),
-)
-
-# MoCo v3 (facebookresearch/moco-v3, CC-BY-NC 4.0), waiting for per-entry arch kwargs and URL weights
-# in ZooEntry: (arch, tag, arch kwargs fixed by the entry, URL, checkpoint key). Weights load today with
-# from_timm_state_dict("vit_small_patch16_224", load_state_dict(<file>, key="state_dict"), num_heads=12,
-# num_classes=0) (the MoCo layout is detected and renamed).
-MOCOV3_PENDING = (
-    ("vit_small_patch16_224", "mocov3", dict(num_heads=12, num_classes=0),
-     "https://dl.fbaipublicfiles.com/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar", "state_dict"),
-    ("vit_base_patch16_224", "mocov3", dict(num_classes=0),
-     "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar", "state_dict"),
 )

@@ -168,10 +168,12 @@ class Dense(nnx.Module):
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True):
         self.kernel = nnx.Param(jnp.zeros((in_features, out_features), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if bias else None
+        self.dtype = None  # compute dtype (`backbones.set_compute_dtype`); None: the parameters'
 
     def __call__(self, x):
-        y = jnp.dot(x, self.kernel[...])
-        return y + self.bias[...] if self.bias is not None else y
+        dtype = self.dtype or self.kernel[...].dtype
+        y = jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype))
+        return y + self.bias[...].astype(dtype) if self.bias is not None else y
 
 
 class LayerNorm(nnx.Module):
@@ -181,12 +183,15 @@ class LayerNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
         self.eps = eps
+        self.dtype = None  # output dtype; statistics are always computed in float32
 
     def __call__(self, x):
+        dtype = self.dtype or x.dtype
+        x = x.astype(jnp.float32)
         mean = jnp.mean(x, axis=-1, keepdims=True)
         xc = x - mean
         var = jnp.mean(xc * xc, axis=-1, keepdims=True)
-        return xc * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return (xc * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]).astype(dtype)
 
 
 def layer_norm(dim: int, eps: float, rngs=None) -> LayerNorm:
@@ -220,7 +225,7 @@ class Attention(nnx.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # [B, H, N, hd]
-        attn = jnp.einsum("bhqd,bhkd->bhqk", q * self.scale, k)
+        attn = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(self.scale, q.dtype), k)
         attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bhkd->bhqd", attn, v)
         return self.proj(out.transpose(0, 2, 1, 3).reshape(b, n, c))
@@ -262,7 +267,7 @@ class LayerScale(nnx.Module):
         self.gamma = nnx.Param(jnp.full((dim,), init_values, jnp.float32))
 
     def __call__(self, x):
-        return x * self.gamma[...]
+        return x * self.gamma[...].astype(x.dtype)
 
 
 class Block(nnx.Module):
@@ -311,7 +316,7 @@ class VisionTransformer(nnx.Module):
     def _pos_embed(self, x):
         cfg = self.cfg
         b, h, w, d = x.shape
-        pos = self.pos_embed[...]
+        pos = self.pos_embed[...].astype(x.dtype)
         if (h, w) != cfg.grid_size:
             if not cfg.dynamic_img_size:
                 raise ValueError(
@@ -323,9 +328,9 @@ class VisionTransformer(nnx.Module):
         x = x.reshape(b, h * w, d)
         prefix = []
         if self.cls_token is not None:
-            prefix.append(jnp.broadcast_to(self.cls_token[...], (b, 1, d)))
+            prefix.append(jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, d)))
         if self.reg_token is not None:
-            prefix.append(jnp.broadcast_to(self.reg_token[...], (b, cfg.reg_tokens, d)))
+            prefix.append(jnp.broadcast_to(self.reg_token[...].astype(x.dtype), (b, cfg.reg_tokens, d)))
         if cfg.no_embed_class:
             x = x + pos
             return jnp.concatenate(prefix + [x], axis=1) if prefix else x

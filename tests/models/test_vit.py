@@ -9,7 +9,6 @@ from bob_jax import backbones
 from bob_jax.backbones.zoo import ZOO
 from bob_jax.convert import ConversionError
 from bob_jax.convert import vit as convert_vit
-from bob_jax.families import vit as vit_family
 from bob_jax.models import vit as vit_lib
 from bob_jax.models.pos_embed import resample_abs_pos_embed
 from bob_jax.testing import assert_parity, parity_error
@@ -87,15 +86,15 @@ def test_accounting_every_zoo_name():
     """Key and shape accounting of every zoo name (with its tag's head size) against timm, on meta."""
     require_reference()
     names = sorted(n for n, e in ZOO.items() if e.arch in vit_lib.ARCHS)
-    assert len(names) == 24
-    # Each distinct (arch, head size) once: the tags of one arch share the network.
-    for arch, num_classes in sorted({(ZOO[n].arch, ZOO[n].num_classes) for n in names}):
-        account_against_timm(arch, num_classes=num_classes)
+    assert len(names) == 26
+    # Each distinct (arch, kwargs) once: the tags of one arch share the network.
+    variants = {(ZOO[n].arch, tuple(sorted(ZOO[n].default_kwargs().items()))) for n in names}
+    for arch, kwargs in sorted(variants):
+        account_against_timm(arch, **dict(kwargs))
     for arch in vit_lib.ARCHS:
         if not any(ZOO[n].arch == arch for n in names):
             account_against_timm(arch)
-    for arch, _, kw, _, _ in vit_family.MOCOV3_PENDING:
-        account_against_timm(arch, **kw)
+    assert ZOO["vit_small_patch16_224.mocov3"].default_kwargs()["num_heads"] == 12
     # DINOv2 weights are used below native resolution; the pos-embed shape follows img_size.
     account_against_timm("vit_large_patch14_reg4_dinov2", img_size=224)
 
@@ -167,16 +166,19 @@ def test_checkpoint_pos_embed_resampled_like_timm(arch):
     ref = timm.create_model(arch, pretrained=False, **_SMALL, img_size=42).eval()
     ref.load_state_dict(checkpoint_filter_fn({k: torch.from_numpy(v) for k, v in sd.items()}, ref))
     cfg = vit_lib.ARCHS[arch](**_SMALL, img_size=42)
-    sd = convert_vit.resample_pos_embed(sd, cfg)
-    model = backbones.from_timm_state_dict(arch, sd, **_SMALL, img_size=42)
+    resampled = convert_vit.resample_pos_embed(sd, cfg)
+    model = backbones.from_timm_state_dict(arch, resampled, **_SMALL, img_size=42)
     x = np.random.default_rng(1).standard_normal((2, 42, 42, 3)).astype(np.float32)
     _check(ref, model, x, intermediates=False)
+    # Equivalent without resampling the checkpoint: keep its grid, resample in the graph per input.
+    dynamic = backbones.from_timm_state_dict(arch, sd, **_SMALL, img_size=70, dynamic_img_size=True)
+    _check(ref, dynamic, x, intermediates=False)
 
 
-def test_mocov3_layout_and_head_count():
+def test_mocov3_layout_and_head_count(tmp_path):
     """Official MoCo v3 keys (module.base_encoder.*, projector head, momentum encoder) convert; only the
     12-head model matches a 12-head timm ViT (the weights cannot tell 6 from 12 heads)."""
-    require_reference()
+    torch, _ = require_reference()
     kw = dict(depth=2, embed_dim=96, num_classes=0, img_size=32)
     ref = _timm("vit_small_patch16_224", 7, num_heads=12, **kw)
     sd = state_dict_numpy(ref)
@@ -191,6 +193,11 @@ def test_mocov3_layout_and_head_count():
     wrong = backbones.from_timm_state_dict("vit_small_patch16_224", moco, num_heads=6, **kw)
     _, pooled, _, _ = _torch_outputs(ref, x)
     assert parity_error(backbones.forward(wrong, x)["pooled"], pooled) > 1e-3
+    # The zoo entry fixes the head count: a release-style file loads with 12 heads by default.
+    torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in moco.items()}}, tmp_path / "moco.pth.tar")
+    entry = backbones.create("vit_small_patch16_224.mocov3", weights=tmp_path / "moco.pth.tar",
+                             weights_key="state_dict", depth=2, embed_dim=96, img_size=32)
+    assert_parity(backbones.forward(entry, x)["pooled"], pooled, what="mocov3 entry")
 
 
 def test_parity_test_can_fail():
@@ -228,3 +235,20 @@ def test_random_init_follows_timm_scheme():
     assert 0.015 < float(np.std(np.asarray(model.blocks[0].attn.qkv.kernel[...]))) < 0.025
     out = backbones.forward(model, np.zeros((1, 28, 28, 3), np.float32))
     assert out["pooled"].shape == (1, 384) and out["features"][14].shape == (1, 2, 2, 384)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    import jax.numpy as jnp
+
+    require_reference()
+    kw = {**_SMALL, "img_size": 28}
+    ref = _timm("vit_small_patch14_reg4_dinov2", 2, **kw)
+    sd = state_dict_numpy(ref)
+    f32 = backbones.from_timm_state_dict("vit_small_patch14_reg4_dinov2", sd, **kw)
+    bf16 = backbones.set_compute_dtype(
+        backbones.from_timm_state_dict("vit_small_patch14_reg4_dinov2", sd, **kw), jnp.bfloat16)
+    x = np.random.default_rng(2).standard_normal((2, 28, 28, 3)).astype(np.float32)
+    want = np.asarray(backbones.forward(f32, x)["pooled"])
+    got = backbones.forward(bf16, x)["pooled"]
+    assert got.dtype == jnp.bfloat16 and bf16.blocks[0].attn.qkv.kernel[...].dtype == jnp.float32
+    assert np.abs(np.asarray(got, np.float32) - want).max() < 0.05 * np.abs(want).max()
