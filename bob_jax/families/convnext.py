@@ -1,26 +1,16 @@
 """ConvNeXt (timm `convnext.py`): model, timm random init, key tables and pretrained tags.
 
-The VICRegL ConvNeXt-XL is not hosted by timm: its official backbone file (URL in the entry's notes)
-uses the original ConvNeXt key layout, renamed to timm's by `convert.official_to_timm`, and loads
-from a local path: create("convnext_xlarge.vicregl_alpha0p75", weights=<file>, num_classes=0,
-head_norm_first=True) (VICRegL's network: final norm before the average pool, no classifier; its
-blocks have no layer scale, loaded as gamma = 1).
+The VICRegL ConvNeXt-XL is not hosted by timm: its official backbone file uses the original
+ConvNeXt key layout, renamed to timm's by `convert.official_to_timm`. Its entry carries the arch
+kwargs of VICRegL's network: no classifier and the final norm before the average pool
+(`head_norm_first=True`); its blocks have no layer scale (loaded as gamma = 1).
 """
-
-import dataclasses
 
 from bob_jax.backbones.family import Family
 from bob_jax.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from bob_jax.backbones.zoo_types import HubWeights, ZooEntry
+from bob_jax.backbones.zoo_types import HubWeights, UrlWeights, ZooEntry
 from bob_jax.convert import convnext as convert
 from bob_jax.models import convnext
-
-
-@dataclasses.dataclass(frozen=True)
-class ReleaseWeights:
-    """An official release file timm does not host: download `url` yourself, pass weights=<path>."""
-
-    url: str
 
 
 # timm pretrained_cfg of every fb_* tag: 224, crop 0.875, bicubic, ImageNet mean/std.
@@ -56,10 +46,11 @@ FAMILY = Family(
         _fb("convnext_xlarge", "fb_in22k", num_classes=_IN22K, notes="IN-22k head (21841 classes)"),
         _fb("convnext_xlarge", "fb_in22k_ft_in1k"),
         ZooEntry(
-            "convnext_xlarge", "vicregl_alpha0p75", _VICREGL, ReleaseWeights(VICREGL_URL), num_classes=0,
-            license="cc-by-nc",
-            notes=f"VICRegL (alpha 0.75) backbone, official file {VICREGL_URL}; not on the hub: pass "
-                  "weights=<local file> with num_classes=0, head_norm_first=True",
+            "convnext_xlarge", "vicregl_alpha0p75", _VICREGL,
+            UrlWeights(VICREGL_URL, "vicregl_convnext_xlarge_alpha0.75.pth"),
+            num_classes=0, arch_kwargs=(("head_norm_first", True),), license="cc-by-nc",
+            notes="VICRegL (alpha 0.75) self-supervised ConvNeXt-XL backbone (official release, "
+                  "facebookresearch/VICRegL); pooled = mean of the final-normed map, as VICRegL's forward",
         ),
     ),
 )

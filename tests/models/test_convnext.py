@@ -81,6 +81,8 @@ def test_every_zoo_name_is_a_timm_tag_with_its_preprocessing():
     _, timm = require_reference()
     names = [e.name for e in FAMILY.entries]
     assert set(names) <= set(ZOO)
+    assert ZOO[VICREGL].default_kwargs() == VICREGL_KW
+    assert ZOO[VICREGL].weights.url == "https://dl.fbaipublicfiles.com/vicregl/convnext_xlarge_alpha0.75.pth"
     for entry in FAMILY.entries:
         if entry.name == VICREGL:
             continue
@@ -94,11 +96,18 @@ def test_every_zoo_name_is_a_timm_tag_with_its_preprocessing():
         assert tuple(cfg.mean) == p.mean and tuple(cfg.std) == p.std
 
 
-@pytest.mark.parametrize("entry", FAMILY.entries, ids=lambda e: e.name)
-def test_accounting(entry):
+def _unique_trees():
+    """Zoo names grouped by (arch, kwargs): names sharing a tree are accounted once."""
+    groups = {}
+    for e in FAMILY.entries:
+        groups.setdefault((e.arch, tuple(sorted(e.default_kwargs().items()))), []).append(e.name)
+    return [pytest.param(names, dict(kw), id="+".join(names)) for (_, kw), names in groups.items()]
+
+
+@pytest.mark.parametrize("names,kwargs", _unique_trees())
+def test_accounting(names, kwargs):
     """Every zoo name's full-size tree against timm's (meta device, no compute)."""
-    kw = VICREGL_KW if entry.name == VICREGL else dict(num_classes=entry.num_classes)
-    assert account_against_timm(entry.name, **kw) > 0
+    assert account_against_timm(names[0], **kwargs) > 0
 
 
 def _official_from_timm(sd, *, keep_gamma=True):
@@ -208,7 +217,7 @@ def test_vicregl_file_loads_through_create(tmp_path):
     official = _official_from_timm(state_dict_numpy(ref), keep_gamma=False)
     path = tmp_path / "v.safetensors"
     safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in official.items()}, str(path))
-    model = backbones.create(VICREGL, weights=path, **SMALL, **VICREGL_KW)
+    model = backbones.create(VICREGL, weights=path, **SMALL)  # the entry supplies VICREGL_KW
     assert model.preprocess.std == (0.228, 0.224, 0.225)
     x = _input(3, 64)
     out = backbones.forward(model, x)
