@@ -29,8 +29,15 @@ BL_STYLE = "eva02_base_patch14_224"  # qkv_fused=False, scale_mlp=True
 
 
 def _timm_model(arch, seed, **kw):
+    """timm model with every parameter re-drawn; built on `meta` (timm's own init is thrown away
+    anyway) then materialised, and its non-persistent buffers (rope table, zero k bias) recomputed."""
     torch, timm = require_reference()
-    model = timm.create_model(arch, pretrained=False, **kw).eval()
+    from timm.models._manipulate import reinit_non_persistent_buffers
+
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False, **kw)
+    model = model.to_empty(device="cpu").eval()
+    reinit_non_persistent_buffers(model)
     for block in model.blocks:
         block.attn.fused_attn = False  # explicit attention path (porting.md section 1)
     return redraw_parameters(model, seed)
@@ -98,16 +105,18 @@ def test_reduced_matches_timm(arch, size, global_pool):
 
 
 def test_reduced_plain_mlp_without_rope_matches_timm():
-    """The remaining arch kwargs: GELU Mlp (swiglu_mlp=False) with sub-LN, no rope, no ref_feat_shape."""
+    """The remaining arch kwargs: GELU Mlp (swiglu_mlp=False) with sub-LN, no rope, no ref_feat_shape,
+    one input channel, avgmax pooling (final norm, no fc_norm)."""
     kw = dict(REDUCED, img_size=56, swiglu_mlp=False, scale_mlp=True, use_rot_pos_emb=False,
-              ref_feat_shape=None, qkv_fused=True, mlp_ratio=3.0)
+              ref_feat_shape=None, qkv_fused=True, mlp_ratio=3.0, in_chans=1, global_pool="avgmax")
     ref = _timm_model(S_STYLE, seed=7, **kw)
     model = backbones.from_timm_state_dict(S_STYLE, state_dict_numpy(ref), **kw)
-    x = np.random.default_rng(7).standard_normal((1, 56, 56, 3)).astype(np.float32)
+    x = np.random.default_rng(7).standard_normal((1, 56, 56, 1)).astype(np.float32)
     want = _torch_outputs(ref, x)
     check_output_scale(want["logits"])
     out = backbones.forward(model, x)
     assert_parity(out["logits"], want["logits"], what="logits")
+    assert_parity(out["pooled"], want["pooled"], what="pooled")
     assert_parity(out["features"][14], want["feature"], what="stride-14 patch map")
 
 
