@@ -23,6 +23,7 @@ FAMILY = Family(
     timm_rules=convert.TIMM_RULES,
     head_prefixes=("head.",),
     foreign_layouts=convert.FOREIGN_LAYOUTS,
+    adapt=convert.adapt_v1,
     entries=(
         _e("swin_tiny_patch4_window7_224", "ms_in1k",
            notes="timm's default swin_tiny (original IN-1k weights)"),

@@ -209,3 +209,26 @@ def test_unsupported_kwarg_is_named():
         backbones.from_timm_state_dict(V1, {}, drop_path_rate=0.1)
     with pytest.raises(TypeError, match="pretrained_window_sizes"):
         backbones.from_timm_state_dict(V1, {}, pretrained_window_sizes=(0, 0, 0, 0))
+
+
+def test_v1_tables_resized_like_timm_for_another_img_size(pairs):
+    """Weights for 96 px loaded at 64 px: the clamped stage-3 window shrinks its bias table, which
+    our `adapt` resizes exactly as timm's checkpoint_filter_fn (no compile: tables compared)."""
+    import torch
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    from bob_jax.convert import abstract_leaves
+
+    ref, _ = pairs[V1, 96]
+    sd = state_dict_numpy(ref)
+    kw = dict(CASES[V1, 96], img_size=64)
+    target = _timm(V1, 0, **kw)
+    want = checkpoint_filter_fn({k: torch.from_numpy(v) for k, v in sd.items()}, target)
+    target.load_state_dict(want)  # timm accepts its own resized tables
+    leaves = abstract_leaves(backbones.from_timm_state_dict(V1, sd, **kw))
+    key = "layers.3.blocks.0.attn.relative_position_bias_table"
+    assert sd[key].shape != tuple(want[key].shape)
+    for i, stage in enumerate(target.layers):
+        for b in range(len(stage.blocks)):
+            key = f"layers.{i}.blocks.{b}.attn.relative_position_bias_table"
+            np.testing.assert_array_equal(np.asarray(leaves[key]), want[key].numpy())
