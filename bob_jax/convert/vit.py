@@ -5,6 +5,11 @@ plus the other published layouts renamed into timm keys and timm's pos-embed res
   `module.base_encoder.`; `module.momentum_encoder.*`, `module.predictor.*` and the base encoder's
   projector MLP (`head.*`) are training-only and dropped. MoCo's ViT-S has 12 heads (num_heads=12),
   which the weights cannot reveal (same shapes as timm's 6-head ViT-S).
+- DINOv2 (`facebookresearch/dinov2` hub files, `dinov2_vit*14[_reg4]_pretrain.pth`): timm
+  `_convert_dinov2` -- drop `mask_token`, `w12`/`w3` -> `fc1`/`fc2`; with registers,
+  `reg_token := register_tokens`, `cls_token := cls_token + pos_embed[:, 0]`, `pos_embed := pos_embed[:, 1:]`.
+- OpenAI CLIP (`openai/CLIP` JIT/state-dict files, image tower under `visual.` or `module.visual.`):
+  timm `_convert_openai_clip` -- renames, `proj [D, E]` -> `head.weight [E, D]` with a zero bias.
 - `resample_pos_embed(state_dict, cfg)`: timm `checkpoint_filter_fn`'s pos-embed resampling (bicubic,
   antialias, align_corners=False) when the checkpoint's grid differs from the model's (DINOv2's 37x37
   grid for 518 px -> e.g. 16x16 for 224 px).
@@ -13,6 +18,7 @@ plus the other published layouts renamed into timm keys and timm's pos-embed res
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -50,6 +56,64 @@ def mocov3_to_timm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
         k = k[len(MOCOV3_PREFIX):]
         if k.startswith("head."):
             continue  # 3-layer projector MLP with BatchNorm: pre-training only
+        out[k] = v
+    return out
+
+
+def is_dinov2(state_dict: Mapping[str, np.ndarray]) -> bool:
+    return "mask_token" in state_dict
+
+
+def dinov2_to_timm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    sd = dict(state_dict)
+    sd.pop("mask_token", None)
+    out = {}
+    if "register_tokens" in sd:
+        out["reg_token"] = sd.pop("register_tokens")
+        out["cls_token"] = np.asarray(sd.pop("cls_token")) + np.asarray(sd["pos_embed"])[:, 0]
+        out["pos_embed"] = np.asarray(sd.pop("pos_embed"))[:, 1:]
+    for k, v in sd.items():
+        k = re.sub(r"^(blocks\.\d+\.mlp\.)w12\.", r"\1fc1.", k)
+        out[re.sub(r"^(blocks\.\d+\.mlp\.)w3\.", r"\1fc2.", k)] = v
+    return out
+
+
+_OPENAI_SWAPS = (
+    ("conv1", "patch_embed.proj"),
+    ("positional_embedding", "pos_embed"),
+    ("transformer.resblocks.", "blocks."),
+    ("ln_pre", "norm_pre"),
+    ("ln_post", "norm"),
+    ("ln_", "norm"),
+    ("in_proj_", "qkv."),
+    ("out_proj", "proj"),
+    ("mlp.c_fc", "mlp.fc1"),
+    ("mlp.c_proj", "mlp.fc2"),
+)
+
+
+def is_openai_clip(state_dict: Mapping[str, np.ndarray]) -> bool:
+    return "visual.class_embedding" in state_dict or "module.visual.class_embedding" in state_dict
+
+
+def openai_clip_to_timm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The image tower only (text tower, logit_scale dropped), in timm `_convert_openai_clip`'s order."""
+    prefix = "visual." if "visual.class_embedding" in state_dict else "module.visual."
+    out = {}
+    for k, v in state_dict.items():
+        if not k.startswith(prefix):
+            continue
+        k = k.replace(prefix, "")
+        for a, b in _OPENAI_SWAPS:
+            k = k.replace(a, b)
+        v = np.asarray(v)
+        if k == "proj":
+            k, v = "head.weight", v.T
+            out["head.bias"] = np.zeros(v.shape[0], v.dtype)
+        elif k == "class_embedding":
+            k, v = "cls_token", v[None, None]
+        elif k == "pos_embed":
+            v = v[None]
         out[k] = v
     return out
 

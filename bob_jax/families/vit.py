@@ -88,6 +88,10 @@ FAMILY = Family(
     init_rules=vit.init_rules,
     timm_rules=convert.TIMM_RULES,
     head_prefixes=("head.",),
-    foreign_layouts=((convert.is_mocov3, convert.mocov3_to_timm),),
+    foreign_layouts=(
+        (convert.is_mocov3, convert.mocov3_to_timm),
+        (convert.is_dinov2, convert.dinov2_to_timm),
+        (convert.is_openai_clip, convert.openai_clip_to_timm),
+    ),
     entries=tuple(_ENTRIES),
 )

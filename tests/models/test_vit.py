@@ -200,6 +200,77 @@ def test_mocov3_layout_and_head_count(tmp_path):
     assert_parity(backbones.forward(entry, x)["pooled"], pooled, what="mocov3 entry")
 
 
+def _official_dinov2(sd, rng):
+    """timm DINOv2 keys -> the official facebookresearch/dinov2 layout (inverse of `_convert_dinov2`)."""
+    swiglu = sd["blocks.0.mlp.fc1.weight"].shape[0] == 2 * sd["blocks.0.mlp.fc2.weight"].shape[1]
+    out = {}
+    for k, v in sd.items():  # the official SwiGLU (ViT-g) names its packed layers w12 / w3
+        out[k.replace("mlp.fc1.", "mlp.w12.").replace("mlp.fc2.", "mlp.w3.") if swiglu else k] = v
+    out["mask_token"] = np.zeros((1, sd["cls_token"].shape[-1]), np.float32)
+    if "reg_token" in sd:
+        pos0 = rng.standard_normal(sd["cls_token"].shape).astype(np.float32)
+        out["register_tokens"] = out.pop("reg_token")
+        out["cls_token"] = sd["cls_token"] - pos0
+        out["pos_embed"] = np.concatenate([pos0, sd["pos_embed"]], axis=1)
+    return out
+
+
+def _official_openai_clip(sd):
+    """timm CLIP keys -> OpenAI CLIP's `visual.*` layout (inverse of `_convert_openai_clip`) + text keys."""
+    swaps = [("patch_embed.proj", "conv1"), ("pos_embed", "positional_embedding"),
+             ("blocks.", "transformer.resblocks."), ("norm_pre", "ln_pre"), ("norm1", "ln_1"),
+             ("norm2", "ln_2"), ("attn.qkv.", "attn.in_proj_"), ("attn.proj", "attn.out_proj"),
+             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
+    out = {"logit_scale": np.ones((), np.float32), "token_embedding.weight": np.zeros((8, 4), np.float32)}
+    for k, v in sd.items():
+        if k == "head.bias":
+            continue
+        if k == "head.weight":
+            out["visual.proj"] = v.T
+            continue
+        if k == "cls_token":
+            out["visual.class_embedding"] = v[0, 0]
+            continue
+        if k == "pos_embed":
+            v = v[0]
+        if k.startswith("norm."):
+            k = k.replace("norm.", "ln_post.")
+        for a, b in swaps:
+            k = k.replace(a, b)
+        out["visual." + k] = v
+    return out
+
+
+@pytest.mark.parametrize("arch, extra", [
+    ("vit_small_patch14_dinov2", {}),
+    ("vit_giant_patch14_reg4_dinov2", dict(embed_dim=48)),
+    ("vit_base_patch16_clip_quickgelu_224", {}),
+])
+def test_official_layouts_convert_like_timm(arch, extra):
+    """Official DINOv2 / OpenAI CLIP files: our renamers equal timm's checkpoint_filter_fn, and the
+    converted model matches the timm model they came from."""
+    torch, timm = require_reference()
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    kw = {**_SMALL, **extra, "img_size": 28 if "patch14" in arch else 32}
+    ref = _timm(arch, 4, **kw)
+    if "clip" in arch:
+        with torch.no_grad():
+            ref.head.bias.zero_()  # OpenAI's visual projection has no bias
+    sd = state_dict_numpy(ref)
+    official = _official_openai_clip(sd) if "clip" in arch else _official_dinov2(sd, np.random.default_rng(0))
+    want = checkpoint_filter_fn({k: torch.from_numpy(np.asarray(v)) for k, v in official.items()}, ref)
+    from bob_jax.families.vit import FAMILY
+
+    got = FAMILY.to_timm_layout(official)
+    assert sorted(got) == sorted(want) == sorted(sd)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k].numpy(), rtol=0, atol=1e-6, err_msg=k)
+    model = backbones.from_timm_state_dict(arch, official, **kw)
+    x = np.random.default_rng(4).standard_normal((2, kw["img_size"], kw["img_size"], 3)).astype(np.float32)
+    _check(ref, model, x, intermediates=False)
+
+
 def test_parity_test_can_fail():
     """Mutation test: perturbing one converted tensor must break parity."""
     kw = {**_SMALL, "img_size": 28}
