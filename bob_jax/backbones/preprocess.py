@@ -19,14 +19,17 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+CROP_MODES = ("center", "squash")
 
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """Eval transform of a pretrained backbone (timm `transforms_factory`, `crop_mode='center'`).
+    """Eval transform of a pretrained backbone (timm `transforms_factory.transforms_imagenet_eval`).
 
-    Resize the shorter side to `floor(input_size / crop_pct)` with `interpolation`, centre-crop
-    `input_size` x `input_size`, scale to [0, 1], normalise with `mean` / `std`.
+    crop_mode "center": resize the shorter side to `floor(input_size / crop_pct)` with
+    `interpolation`; "squash": resize both sides to that size (aspect ratio not kept; timm's mode
+    for e.g. EVA-02 448 fine-tunes). Then centre-crop `input_size` x `input_size`, scale to [0, 1],
+    normalise with `mean` / `std`.
     """
 
     input_size: int = 224
@@ -34,8 +37,11 @@ class Preprocess:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    crop_mode: str = "center"
 
     def __post_init__(self):
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode {self.crop_mode!r} is not one of {CROP_MODES}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
         if not 0 < self.crop_pct <= 1:

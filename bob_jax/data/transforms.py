@@ -118,6 +118,14 @@ def resize_shorter(image: np.ndarray, size: int, interpolation: str = "bicubic")
     return _from_pil(_to_pil(image).resize((new_w, new_h), _resample(interpolation)), image)
 
 
+def resize_square(image: np.ndarray, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """Resize both sides to `size` (timm `crop_mode='squash'`), with PIL's antialiasing filters."""
+    image = _check_uint8(image)
+    if image.shape[:2] == (size, size):
+        return image
+    return _from_pil(_to_pil(image).resize((size, size), _resample(interpolation)), image)
+
+
 def center_crop(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """torchvision/timm `CenterCrop`: top = int(round((h - size) / 2.0)) (Python rounding, half to even);
     images smaller than the crop are zero-padded first, as torchvision does."""
@@ -212,6 +220,13 @@ class ResizeShorter(grain.transforms.Map):
         return _apply(element, lambda im: resize_shorter(im, self.size, self.interpolation))
 
 
+class ResizeSquare(ResizeShorter):
+    """Resize both sides to `size` (aspect ratio not kept)."""
+
+    def map(self, element):
+        return _apply(element, lambda im: resize_square(im, self.size, self.interpolation))
+
+
 class CenterCrop(grain.transforms.Map):
     """Centre crop to `size` x `size` (timm/torchvision rounding)."""
 
@@ -235,14 +250,16 @@ class Compose(grain.transforms.Map):
 
 
 class EvalTransform(Compose):
-    """timm eval transform of a backbone: ToRGB -> ResizeShorter(resize_size) -> CenterCrop(input_size)."""
+    """timm eval transform of a backbone: ToRGB -> resize (shorter side, or both sides for
+    crop_mode 'squash') to `resize_size` -> CenterCrop(input_size)."""
 
     def __init__(self, preprocess: Preprocess):
         self.preprocess = preprocess
+        resize = ResizeSquare if preprocess.crop_mode == "squash" else ResizeShorter
         super().__init__(
             [
                 ToRGB(),
-                ResizeShorter(preprocess.resize_size, preprocess.interpolation),
+                resize(preprocess.resize_size, preprocess.interpolation),
                 CenterCrop(preprocess.input_size),
             ]
         )

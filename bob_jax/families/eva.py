@@ -12,9 +12,8 @@ from bob_jax.models import eva
 
 _CLIP = dict(interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD)
 _MIM = Preprocess(224, 0.9, **_CLIP)
-_SQUASH = ("timm's pretrained_cfg uses crop_mode='squash' (resize both sides to 448 without keeping the "
-           "aspect ratio); Preprocess only does shorter-side resize + centre crop, which differs on "
-           "non-square images")
+# timm's pretrained_cfg for the 448 fine-tunes resizes both sides (crop_mode='squash').
+_SQUASH448 = Preprocess(448, 1.0, crop_mode="squash", **_CLIP)
 
 
 def _mim(arch: str, tag: str, notes: str = "") -> ZooEntry:
@@ -38,11 +37,9 @@ FAMILY = Family(
         _mim("eva02_large_patch14_224", "mim_m38m", "Merged-38M pre-training data."),
         ZooEntry("eva02_small_patch14_336", "mim_in22k_ft_in1k", Preprocess(336, 1.0, **_CLIP),
                  HubWeights("timm/eva02_small_patch14_336.mim_in22k_ft_in1k"), license="mit"),
-        ZooEntry("eva02_base_patch14_448", "mim_in22k_ft_in22k_in1k", Preprocess(448, 1.0, **_CLIP),
-                 HubWeights("timm/eva02_base_patch14_448.mim_in22k_ft_in22k_in1k"), license="mit",
-                 notes=_SQUASH),
-        ZooEntry("eva02_large_patch14_448", "mim_in22k_ft_in22k_in1k", Preprocess(448, 1.0, **_CLIP),
-                 HubWeights("timm/eva02_large_patch14_448.mim_in22k_ft_in22k_in1k"), license="mit",
-                 notes=_SQUASH),
+        ZooEntry("eva02_base_patch14_448", "mim_in22k_ft_in22k_in1k", _SQUASH448,
+                 HubWeights("timm/eva02_base_patch14_448.mim_in22k_ft_in22k_in1k"), license="mit"),
+        ZooEntry("eva02_large_patch14_448", "mim_in22k_ft_in22k_in1k", _SQUASH448,
+                 HubWeights("timm/eva02_large_patch14_448.mim_in22k_ft_in22k_in1k"), license="mit"),
     ),
 )

@@ -241,3 +241,18 @@ def test_transforms_in_grain_pipeline(sample_images):
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
     assert first.shape == (4, 48, 48, 3)
+
+
+def test_squash_eval_transform_matches_timm(reference, sample_images):
+    """crop_mode='squash' (EVA-02 448 fine-tunes): both sides resized, then centre crop, as timm does."""
+    from timm.data import create_transform
+    from torchvision import transforms as tvt
+
+    pp = Preprocess(input_size=48, crop_pct=0.9, interpolation="bicubic", crop_mode="squash")
+    timm_tf = create_transform(input_size=48, crop_pct=0.9, interpolation="bicubic", crop_mode="squash",
+                               is_training=False)
+    pil_ops = tvt.Compose([t for t in timm_tf.transforms if type(t).__name__ in ("Resize", "CenterCrop")])
+    assert len(pil_ops.transforms) == 2, timm_tf
+    for name, img in sample_images.items():
+        want = np.asarray(pil_ops(Image.fromarray(img).convert("RGB")))
+        np.testing.assert_array_equal(T.EvalTransform(pp).map(img), want, err_msg=name)
