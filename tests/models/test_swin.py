@@ -37,8 +37,16 @@ SWIN_ARCHS = sorted({ZOO[n].arch for n in SWIN_NAMES})
 
 
 def _timm(arch, seed, **kw):
-    _, timm = require_reference()
-    return redraw_parameters(timm.create_model(arch, pretrained=False, **kw).eval(), seed)
+    """timm model with every parameter re-drawn; built on `meta` (timm's own init would be thrown
+    away), materialised, and its non-persistent buffers (index, coords table, k bias, masks) recomputed."""
+    torch, timm = require_reference()
+    from timm.models._manipulate import reinit_non_persistent_buffers
+
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False, **kw)
+    model = model.to_empty(device="cpu").eval()
+    reinit_non_persistent_buffers(model)
+    return redraw_parameters(model, seed)
 
 
 @pytest.fixture(scope="module")
