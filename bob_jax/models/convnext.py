@@ -128,7 +128,8 @@ class ConvNeXtBlock(nnx.Module):
         self.gamma = nnx.Param(jnp.full((dim,), ls_init_value, jnp.float32))
 
     def __call__(self, x):
-        return x + self.mlp(self.norm(self.conv_dw(x))) * self.gamma[...]
+        y = self.mlp(self.norm(self.conv_dw(x)))
+        return x + y * self.gamma[...].astype(y.dtype)
 
 
 class ConvNeXtStage(nnx.Module):

@@ -246,6 +246,22 @@ def test_random_init_follows_timm_scheme():
     assert np.all(np.isfinite(out["logits"])) and out["logits"].shape == (2, 1000)
 
 
+def test_bfloat16_compute(reduced):
+    import jax.numpy as jnp
+
+    ref, _ = reduced["fb"]
+    model = backbones.set_compute_dtype(
+        backbones.from_timm_state_dict("convnext_tiny", state_dict_numpy(ref), **SMALL), jnp.bfloat16
+    )
+    x = _input(4, 64)
+    want, _, _ = _torch_outputs(ref, x)
+    out = backbones.forward(model, x)
+    assert out["logits"].dtype == jnp.bfloat16 and out["features"][32].dtype == jnp.bfloat16
+    assert model.stages[0].blocks[0].gamma[...].dtype == jnp.float32
+    got = np.asarray(out["logits"], np.float32)
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+
+
 def test_unsupported_kwargs_are_rejected():
     with pytest.raises(TypeError, match="drop_path_rate"):
         backbones.from_timm_state_dict("convnext_tiny", {}, drop_path_rate=0.1)
