@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import os
 import struct
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,8 @@ class FashionMNIST:
             )
         self.image_shape = (rows, cols)
         self._images: np.ndarray | None = None
+        # grain reads a source from several threads at once: decode the file once, not once per thread.
+        self._lock = threading.Lock()
 
     @staticmethod
     def _locate(split: str, data_dir) -> tuple[Path, Path]:
@@ -237,17 +240,26 @@ class FashionMNIST:
 
     def _load_images(self) -> np.ndarray:
         if self._images is None:
-            images = _read_idx(self._images_path, _IDX_IMAGES_MAGIC, 3)
-            if len(images) != len(self._labels):
-                raise ValueError(f"{self._images_path}: image count changed since the source was opened")
-            self._images = images
+            with self._lock:
+                if self._images is None:
+                    images = _read_idx(self._images_path, _IDX_IMAGES_MAGIC, 3)
+                    if len(images) != len(self._labels):
+                        raise ValueError(
+                            f"{self._images_path}: image count changed since the source was opened"
+                        )
+                    self._images = images
         return self._images
 
     def __getstate__(self):
         # Workers re-read the file themselves: shipping a 47 MB array per worker through pickle is slower.
         state = dict(self.__dict__)
         state["_images"] = None
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._labels)
@@ -377,8 +389,8 @@ class TfdsSource:
         self.name, self.split = name, split
         self.data_dir = None if data_dir is None else str(data_dir)
         self.image_key, self.label_key = image_key, label_key
-        self._ds = None
-        ds = self._open()
+        self._lock = threading.Lock()
+        self._ds = ds = self._open()
         features = ds.dataset_info.features
         for key, what in ((image_key, "image_key"), (label_key, "label_key")):
             if key not in features:
@@ -425,13 +437,24 @@ class TfdsSource:
 
     def _source(self):
         if self._ds is None:
-            self._ds = self._open()
+            # grain calls sources from several threads; opening (first tfds import included) must
+            # happen once: concurrent first imports of tfds' lazily imported modules can deadlock.
+            with self._lock:
+                if self._ds is None:
+                    self._ds = self._open()
         return self._ds
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_ds"] = None  # file handles do not pickle; workers re-open
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        # Re-open while unpickling (a grain worker's main thread, before its reader threads start).
+        self._source()
 
     def __len__(self) -> int:
         return self._size
@@ -457,7 +480,8 @@ class TfdsSource:
     def labels(self) -> np.ndarray:
         """All labels, read with image decoding skipped (cached)."""
         if self._labels is None:
-            ds = self._open(skip_image=True)
+            with self._lock:
+                ds = self._open(skip_image=True)
             out = np.empty((self._size,), np.int32)
             chunk = 4096
             for start in range(0, self._size, chunk):
@@ -491,6 +515,14 @@ class TfdsSource:
 # --------------------------------------------------------------------------------------------------
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+def _init_pil() -> None:
+    # Import PIL and register its format plugins up front, in one thread: grain decodes from several
+    # reader threads, and first-time imports racing across threads are best avoided.
+    from PIL import Image
+
+    Image.init()
 
 
 class ImageDecodeError(OSError):
@@ -538,6 +570,11 @@ class ImageFolder:
         self.num_classes = len(classes)
         self.files = tuple(files)  # relative to root
         self._labels = np.asarray(labels, np.int32)
+        _init_pil()
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        _init_pil()
 
     def __len__(self) -> int:
         return len(self.files)

@@ -1,8 +1,9 @@
 """Image transforms as grain `Map` / `RandomMap` classes (numpy + PIL, uint8 in and out).
 
 Eval: timm's `transforms_factory` eval path with `crop_mode='center'`
-(`Resize(floor(size / crop_pct), interpolation)` on the shorter side -> `CenterCrop(size)`), through PIL
-exactly as torchvision does for PIL images, so results equal timm/torchvision bit for bit.
+(`Resize(floor(size / crop_pct), interpolation)` on the shorter side -> `CenterCrop(size)`; 'squash'
+resizes both sides), through PIL exactly as torchvision does for PIL images, so results equal
+timm/torchvision bit for bit.
 Train: torchvision's `RandomResizedCrop` sampling (10 attempts, then the central fallback) and
 `RandomHorizontalFlip`, drawing from the per-element numpy Generator that grain derives from the
 dataset seed and the element index (deterministic, resumable, identical across worker counts).

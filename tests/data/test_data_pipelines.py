@@ -1,10 +1,11 @@
 """Eval padding/mask and order, sharding, train shuffling/epochs, exact resume, multi-worker equality.
 
 Multi-worker loaders start spawned processes (each imports grain and jax, ~2-3 s on 2 cores), so only two
-tests use them: eval over the tiny tfds build and train over sklearn digits.
+tests use them (three pools): eval over the tiny tfds build and train over sklearn digits.
 """
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -20,6 +21,29 @@ PP = Preprocess(input_size=16, crop_pct=0.875, interpolation="bicubic")  # 8x8 d
 @pytest.fixture(scope="module")
 def digits_test():
     return S.Digits("test")
+
+
+def _within_deadline(fn, seconds: float = 300.0):
+    """Run `fn` in a thread; fail (instead of stalling the suite) if a multi-worker loader never answers.
+
+    Worker start-up normally takes a few seconds; the generous limit covers heavily loaded machines.
+    """
+    result = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # re-raised in the test thread
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"grain multi-worker loader produced nothing within {seconds:.0f} s (hung worker?)")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def _equal_batches(a, b):
@@ -88,7 +112,7 @@ def test_eval_batches_tfds_two_workers(tiny_tfds_dir):
     """The tiny tfds ArrayRecord build through grain with 2 worker processes == in-process reading."""
     src = S.get_source("tfds:bob_tiny_digits", "test", data_dir=tiny_tfds_dir)
     single = list(P.eval_batches(src, T.EvalTransform(PP), 16))
-    multi = list(P.eval_batches(src, T.EvalTransform(PP), 16, num_workers=2))
+    multi = _within_deadline(lambda: list(P.eval_batches(src, T.EvalTransform(PP), 16, num_workers=2)))
     assert len(single) == 4 and single[-1]["mask"].sum() == 60 - 48
     _equal_batches(single, multi)
     np.testing.assert_array_equal(np.concatenate([b["label"] for b in multi])[:60], src.labels())
@@ -144,21 +168,29 @@ def test_train_epochs_shuffle_and_remainder(digits_test):
 
 
 def test_train_two_workers_equal_single_and_resume(digits_test):
-    """mp_prefetch with 2 workers yields the single-process batches, and its state restores exactly.
-
-    The restore rewinds the live iterator (starting a second pool would double this test's cost); a
-    fresh iterator's `set_state` is covered in-process by `test_train_resume_exact`.
-    """
+    """mp_prefetch with 2 workers yields the single-process batches, and its state resumes exactly in a
+    fresh iterator (what a checkpoint restore does)."""
     tf = T.TrainTransform(PP)
     single = iter(P.train_dataset(digits_test, tf, 24, seed=5))
     expected = [next(single) for _ in range(6)]
-    multi = iter(P.train_dataset(digits_test, tf, 24, seed=5, num_workers=2))
-    try:
-        got = [next(multi) for _ in range(4)]
-        state = multi.get_state()
-        got += [next(multi) for _ in range(2)]
-        _equal_batches(expected, got)
-        multi.set_state(state)
-        _equal_batches(expected[4:], [next(multi) for _ in range(2)])
-    finally:
-        multi.close()
+
+    def first_run():
+        multi = iter(P.train_dataset(digits_test, tf, 24, seed=5, num_workers=2))
+        try:
+            got = [next(multi) for _ in range(4)]
+            state = multi.get_state()
+            return got + [next(multi) for _ in range(2)], state
+        finally:
+            multi.close()
+
+    def resumed_run(state):
+        resumed = iter(P.train_dataset(digits_test, tf, 24, seed=5, num_workers=2))
+        try:
+            resumed.set_state(state)
+            return [next(resumed) for _ in range(2)]
+        finally:
+            resumed.close()
+
+    got, state = _within_deadline(first_run)
+    _equal_batches(expected, got)
+    _equal_batches(expected[4:], _within_deadline(lambda: resumed_run(state)))

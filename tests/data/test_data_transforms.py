@@ -249,8 +249,9 @@ def test_squash_eval_transform_matches_timm(reference, sample_images):
     from torchvision import transforms as tvt
 
     pp = Preprocess(input_size=48, crop_pct=0.9, interpolation="bicubic", crop_mode="squash")
-    timm_tf = create_transform(input_size=48, crop_pct=0.9, interpolation="bicubic", crop_mode="squash",
-                               is_training=False)
+    timm_tf = create_transform(
+        input_size=48, crop_pct=0.9, interpolation="bicubic", crop_mode="squash", is_training=False
+    )
     pil_ops = tvt.Compose([t for t in timm_tf.transforms if type(t).__name__ in ("Resize", "CenterCrop")])
     assert len(pil_ops.transforms) == 2, timm_tf
     for name, img in sample_images.items():
