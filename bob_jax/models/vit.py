@@ -69,11 +69,10 @@ class ViTConfig:
             raise ValueError(f"mlp_layer={self.mlp_layer!r} is not supported; use one of {MLP_LAYERS}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.img_size[0] % self.patch_size or self.img_size[1] % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
 
     @property
     def grid_size(self) -> tuple[int, int]:
+        # timm PatchEmbed: a stride-p conv without padding, so a remainder of the image is dropped.
         return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
 
     @property
@@ -318,11 +317,6 @@ class VisionTransformer(nnx.Module):
         b, h, w, d = x.shape
         pos = self.pos_embed[...].astype(x.dtype)
         if (h, w) != cfg.grid_size:
-            if not cfg.dynamic_img_size:
-                raise ValueError(
-                    f"input grid {(h, w)} (image {h * cfg.patch_size}x{w * cfg.patch_size}) does not match "
-                    f"img_size {cfg.img_size}; build the model with img_size=... or dynamic_img_size=True"
-                )
             pos = pos_embed_lib.resample_abs_pos_embed(
                 pos, (h, w), cfg.grid_size, 0 if cfg.no_embed_class else cfg.num_prefix_tokens)
         x = x.reshape(b, h * w, d)
@@ -360,6 +354,11 @@ class VisionTransformer(nnx.Module):
         return 0.5 * (t.max(axis=1) + t.mean(axis=1))  # avgmax
 
     def __call__(self, x, *, intermediates: bool = False):
+        if not self.cfg.dynamic_img_size and tuple(x.shape[1:3]) != self.cfg.img_size:
+            raise ValueError(  # timm's PatchEmbed asserts the same (strict_img_size)
+                f"input size {tuple(x.shape[1:3])} does not match img_size {self.cfg.img_size}; build the "
+                "model with img_size=... or dynamic_img_size=True"
+            )
         x = self.patch_embed(x)
         h, w = x.shape[1], x.shape[2]
         x = self._pos_embed(x)

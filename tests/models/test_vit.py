@@ -129,6 +129,12 @@ def test_fixed_img_size_rejects_other_inputs():
     model = backbones.from_timm_state_dict("vit_small_patch16_224", sd, **_SMALL, img_size=32)
     with pytest.raises(ValueError, match="img_size"):
         backbones.forward(model, np.zeros((1, 48, 48, 3), np.float32))
+    # A size that is not a multiple of the patch: timm's conv drops the remainder, and so does ours.
+    ref = _timm("vit_small_patch14_dinov2", 1, **_SMALL, img_size=33)
+    model = backbones.from_timm_state_dict("vit_small_patch14_dinov2", state_dict_numpy(ref), **_SMALL,
+                                           img_size=33)
+    x = np.random.default_rng(1).standard_normal((1, 33, 33, 3)).astype(np.float32)
+    _check(ref, model, x, intermediates=False)
 
 
 def test_full_size_vit_small_matches_timm():
