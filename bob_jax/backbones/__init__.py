@@ -30,7 +30,7 @@ from bob_jax.backbones.preprocess import Preprocess, normalize
 from bob_jax.backbones.zoo import ARCH_TO_FAMILY, DEFAULT_PREPROCESS, ZOO
 from bob_jax.backbones.zoo_types import HubWeights, PackageWeights, UrlWeights, ZooEntry
 from bob_jax.convert import ConversionError, abstract_leaves, apply_rules, load_leaves
-from bob_jax.models.init import init_from_rules
+from bob_jax.models.init import ShapeOnlyRngs, init_from_rules
 
 __all__ = [
     "ZOO",
@@ -106,8 +106,12 @@ def _family(arch: str) -> Family:
 
 
 def _abstract(family: Family, arch: str, arch_kwargs: Mapping[str, Any]) -> nnx.Module:
-    cfg = family.config(arch, arch_kwargs)
-    return nnx.eval_shape(lambda: family.model(cfg, rngs=nnx.Rngs(0)))
+    return _abstract_from_config(family, family.config(arch, arch_kwargs))
+
+
+def _abstract_from_config(family: Family, cfg) -> nnx.Module:
+    """The model's structure with ShapeDtypeStruct leaves: no parameter is computed."""
+    return nnx.eval_shape(lambda: family.model(cfg, rngs=ShapeOnlyRngs()))
 
 
 def set_compute_dtype(model: nnx.Module, dtype) -> nnx.Module:
@@ -173,7 +177,7 @@ def _convert_family(
     drop_head: bool,
 ) -> nnx.Module:
     cfg = family.config(arch, arch_kwargs)
-    model = nnx.eval_shape(lambda: family.model(cfg, rngs=nnx.Rngs(0)))
+    model = _abstract_from_config(family, cfg)
     state_dict = family.to_timm_layout(state_dict)
     if family.adapt is not None:
         state_dict = family.adapt(state_dict, cfg)
