@@ -27,7 +27,7 @@ from flax import nnx
 from bob_jax.backbones import converted
 from bob_jax.backbones.family import Family
 from bob_jax.backbones.preprocess import Preprocess, normalize
-from bob_jax.backbones.zoo import ARCH_TO_FAMILY, DEFAULT_PREPROCESS, ZOO
+from bob_jax.backbones import zoo
 from bob_jax.backbones.zoo_types import HubWeights, PackageWeights, UrlWeights, ZooEntry
 from bob_jax.convert import ConversionError, abstract_leaves, apply_rules, load_leaves
 from bob_jax.models.init import ShapeOnlyRngs, init_from_rules
@@ -59,7 +59,7 @@ _USER: dict[str, _UserBackbone] = {}
 
 def list_backbones() -> list[str]:
     """Every creatable `arch.tag` name: the zoo plus user-registered backbones."""
-    return sorted(set(ZOO) | set(_USER))
+    return sorted(set(zoo.ZOO) | set(_USER))
 
 
 def register(
@@ -76,7 +76,7 @@ def register(
     """
     if "." not in name:
         raise ValueError(f"backbone names are 'arch.tag' (got {name!r}): the tag names the weights")
-    if name in ZOO:
+    if name in zoo.ZOO:
         raise ValueError(f"{name!r} is a built-in backbone; choose another tag")
     if not isinstance(preprocess, Preprocess):
         raise TypeError("preprocess must be a bob_jax.backbones.Preprocess")
@@ -100,9 +100,9 @@ def _split_name(name: str) -> tuple[str, str | None]:
 
 
 def _family(arch: str) -> Family:
-    if arch not in ARCH_TO_FAMILY:
-        raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCH_TO_FAMILY)}")
-    return ARCH_TO_FAMILY[arch]
+    if arch not in zoo.ARCH_TO_FAMILY:
+        raise ValueError(f"unknown architecture {arch!r}; known: {sorted(zoo.ARCH_TO_FAMILY)}")
+    return zoo.ARCH_TO_FAMILY[arch]
 
 
 def _abstract(family: Family, arch: str, arch_kwargs: Mapping[str, Any]) -> nnx.Module:
@@ -120,7 +120,7 @@ def set_compute_dtype(model: nnx.Module, dtype) -> nnx.Module:
     Every layer with a `dtype` attribute (convs, linears, norms) computes in it; flax's norms keep
     their statistics in float32 internally.
     """
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         if hasattr(module, "dtype"):
             module.dtype = dtype
     return model
@@ -153,7 +153,8 @@ def resolve_pretrained_file(entry: ZooEntry) -> pathlib.Path:
     if isinstance(w, HubWeights):
         from bob_jax.io import download_timm_weights
 
-        return download_timm_weights(entry.name)
+        # The hub repo can differ from the zoo name (OpenAI CLIP towers live under the GELU names).
+        return download_timm_weights(w.repo.removeprefix("timm/"))
     if isinstance(w, UrlWeights):
         from bob_jax.io.release import download_release_file
 
@@ -199,7 +200,7 @@ def from_timm_state_dict(name: str, state_dict: Mapping[str, np.ndarray], **arch
     model = _convert_family(
         family, arch, state_dict, arch_kwargs, source=f"timm state dict for {name}", drop_head=False
     )
-    preprocess = ZOO[name].preprocess if name in ZOO else DEFAULT_PREPROCESS[arch]
+    preprocess = zoo.ZOO[name].preprocess if name in zoo.ZOO else zoo.DEFAULT_PREPROCESS[arch]
     return _finish(model, name, preprocess, weights_id="state-dict")
 
 
@@ -229,13 +230,13 @@ def _create(name, *, weights, seed, weights_key, **arch_kwargs) -> nnx.Module:
         return _create_user(name, weights=weights, seed=seed, weights_key=weights_key, **arch_kwargs)
     arch, tag = _split_name(name)
     family = _family(arch)
-    if name not in ZOO:
-        tags = sorted(e.tag for e in ZOO.values() if e.arch == arch)
+    if name not in zoo.ZOO:
+        tags = sorted(e.tag for e in zoo.ZOO.values() if e.arch == arch)
         raise ValueError(
             f"unknown backbone {name!r}: names are 'arch.tag' so the weights are never a silent default; "
             f"tags for {arch}: {tags}"
         )
-    entry = ZOO[name]
+    entry = zoo.ZOO[name]
     user_kwargs = dict(arch_kwargs)
     arch_kwargs = {**entry.default_kwargs(), **arch_kwargs}
     if weights is None:
@@ -266,14 +267,14 @@ def _load_converted(name: str, path, arch_kwargs: Mapping[str, Any]) -> nnx.Modu
     leaves, manifest = converted.load(path)
     if manifest["name"] != name:
         raise ValueError(f"{path} holds a converted {manifest['name']!r}, not {name!r}")
-    converted_kwargs = {**ZOO[name].default_kwargs(), **manifest.get("arch_kwargs", {})}
+    converted_kwargs = {**zoo.ZOO[name].default_kwargs(), **manifest.get("arch_kwargs", {})}
     kwargs = {**converted_kwargs, **arch_kwargs}
     if kwargs["num_classes"] != converted_kwargs["num_classes"]:
         raise ValueError(f"{path} was converted with num_classes={converted_kwargs['num_classes']}; "
                          "reconvert with the num_classes you need")
     arch, _ = _split_name(name)
     model = _abstract(_family(arch), arch, kwargs)
-    return _finish(load_leaves(model, leaves), name, ZOO[name].preprocess, f"sha256:{manifest['source_sha256']}")
+    return _finish(load_leaves(model, leaves), name, zoo.ZOO[name].preprocess, f"sha256:{manifest['source_sha256']}")
 
 
 def _create_user(name, *, weights, seed, weights_key, **arch_kwargs) -> nnx.Module:
@@ -287,3 +288,10 @@ def _create_user(name, *, weights, seed, weights_key, **arch_kwargs) -> nnx.Modu
     model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0), **arch_kwargs))
     leaves = spec.convert(state_dict) if spec.convert is not None else state_dict
     return _finish(load_leaves(model, leaves), name, spec.preprocess, f"sha256:{sha}")
+
+
+def __getattr__(name: str):
+    # `backbones.ZOO`: the catalogue, built on first use.
+    if name == "ZOO":
+        return zoo.ZOO
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

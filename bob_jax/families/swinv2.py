@@ -8,7 +8,6 @@ ImageNet classifier the encoder started from (untouched by the depth training, s
 to the fine-tuned encoder): pass num_classes=0 to drop it.
 """
 
-import dataclasses
 
 from bob_jax.backbones.family import Family
 from bob_jax.backbones.preprocess import (
@@ -18,16 +17,9 @@ from bob_jax.backbones.preprocess import (
     INCEPTION_STD,
     Preprocess,
 )
-from bob_jax.backbones.zoo_types import HubWeights, ZooEntry
+from bob_jax.backbones.zoo_types import HubWeights, UrlWeights, ZooEntry
 from bob_jax.convert import swin as convert
 from bob_jax.models import swinv2
-
-
-@dataclasses.dataclass(frozen=True)
-class ReleaseWeights:
-    """An official release file timm does not host: download `url` yourself, pass weights=<path>."""
-
-    url: str
 
 
 # timm pretrained_cfg: 256 px crop 0.9, 384 px crop 1.0; bicubic; ImageNet mean/std.
@@ -65,13 +57,10 @@ FAMILY = Family(
         _e("swinv2_large_window12to24_192to384", "ms_in22k_ft_in1k", _384,
            notes="pretrained_window_sizes (12, 12, 12, 6)"),
         ZooEntry("swinv2_tiny_window16_256", "midas_v31", _MIDAS_256,
-                 ReleaseWeights(MIDAS_URL.format("dpt_swin2_tiny_256.pt")), license="mit",
-                 notes="MiDaS v3.1 Swin2-T depth encoder from " + MIDAS_URL.format("dpt_swin2_tiny_256.pt")
-                 + " (DPT head dropped); load with weights=<local path>"),
+                 UrlWeights(MIDAS_URL.format("dpt_swin2_tiny_256.pt"), "dpt_swin2_tiny_256.pt"), license="mit",
+                 notes="MiDaS v3.1 Swin2-T depth encoder (DPT head dropped)"),
         ZooEntry("swinv2_base_window12to24_192to384", "midas_v31", _MIDAS_384,
-                 ReleaseWeights(MIDAS_URL.format("dpt_swin2_base_384.pt")), license="mit",
-                 notes="MiDaS v3.1 Swin2-B-384 depth encoder from "
-                 + MIDAS_URL.format("dpt_swin2_base_384.pt")
-                 + " (DPT head dropped); load with weights=<local path>"),
+                 UrlWeights(MIDAS_URL.format("dpt_swin2_base_384.pt"), "dpt_swin2_base_384.pt"), license="mit",
+                 notes="MiDaS v3.1 Swin2-B-384 depth encoder (DPT head dropped)"),
     ),
 )

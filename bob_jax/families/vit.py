@@ -94,4 +94,5 @@ FAMILY = Family(
         (convert.is_openai_clip, convert.openai_clip_to_timm),
     ),
     entries=tuple(_ENTRIES),
+    adapt=convert.resample_pos_embed,
 )
