@@ -57,6 +57,15 @@ def backbone_preprocess(model, config: ml_collections.ConfigDict) -> Preprocess:
     return pre
 
 
+def input_size_kwargs(name: str, config: ml_collections.ConfigDict) -> dict[str, int]:
+    """Token and window models are built for their input size (timm's `img_size`); with pretrained
+    weights the family's checkpoint filter resamples position tables to it."""
+    family = backbones.zoo.ARCH_TO_FAMILY.get(name.partition(".")[0])
+    if config.input_size and family is not None and "img_size" in family.arch_kwargs:
+        return {"img_size": int(config.input_size)}
+    return {}
+
+
 def load_data(cfg: ml_collections.ConfigDict):
     from bob_jax.data.sources import get_source, seeded_subset
 
@@ -106,7 +115,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, console=
 
     for name, weights, label in specs:
         t0 = time.time()
-        model = backbones.create(name, weights=weights, seed=config.seed, num_classes=0)
+        model = backbones.create(name, weights=weights, seed=config.seed, num_classes=0,
+                                 **input_size_kwargs(name, config))
         pre = backbone_preprocess(model, config)
         common = {
             "input_size": pre.input_size, "normalization": config.normalization,
