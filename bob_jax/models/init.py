@@ -87,21 +87,26 @@ def uniform_symmetric(bound_of: Callable[[tuple[int, ...]], float]) -> InitFn:
     return lambda rng, shape, dtype: _uniform(rng, shape, dtype, bound_of(shape))
 
 
+def init_plan(
+    shapes: Mapping[str, jax.ShapeDtypeStruct], rules: Sequence[tuple[str, InitFn]]
+) -> dict[str, InitFn]:
+    """The rule (first regex that fully matches) for every leaf; an uncovered leaf is an error."""
+    compiled = [(re.compile(pattern), fn) for pattern, fn in rules]
+    plan = {path: next((fn for rx, fn in compiled if rx.fullmatch(path)), None) for path in shapes}
+    uncovered = sorted(path for path, fn in plan.items() if fn is None)
+    if uncovered:
+        raise ValueError(f"no init rule covers these parameters: {uncovered}")
+    return plan
+
+
 def init_from_rules(
     shapes: Mapping[str, jax.ShapeDtypeStruct],
     rules: Sequence[tuple[str, InitFn]],
     seed: int,
 ) -> dict[str, np.ndarray]:
     """Draw every leaf with the first rule whose regex fully matches its dotted path."""
-    compiled = [(re.compile(pattern), fn) for pattern, fn in rules]
-    out, uncovered = {}, []
-    for path, sds in shapes.items():
-        fn = next((fn for rx, fn in compiled if rx.fullmatch(path)), None)
-        if fn is None:
-            uncovered.append(path)
-            continue
+    out = {}
+    for path, fn in init_plan(shapes, rules).items():
         rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
-        out[path] = fn(rng, tuple(sds.shape), np.dtype(sds.dtype))
-    if uncovered:
-        raise ValueError(f"no init rule covers these parameters: {sorted(uncovered)}")
+        out[path] = fn(rng, tuple(shapes[path].shape), np.dtype(shapes[path].dtype))
     return out
