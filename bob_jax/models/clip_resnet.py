@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from bob_jax.models import init as init_lib
-from bob_jax.models.convnext import trunc_normal
+from bob_jax.models.init import trunc_normal
 from bob_jax.models.layers import batch_norm, conv2d, linear, torch_padding
 from bob_jax.models.pos_embed import resample_abs_pos_embed
 

@@ -215,19 +215,6 @@ class ConvNeXt(nnx.Module):
         return out
 
 
-def trunc_normal(std: float, a: float = -2.0, b: float = 2.0) -> init_lib.InitFn:
-    """`timm.layers.trunc_normal_(w, std=std)`: N(0, std^2) truncated to the *absolute* [a, b]
-    (timm's defaults, +-100 std for std=.02), drawn by resampling the out-of-range values."""
-
-    def init(rng, shape, dtype):
-        out = rng.standard_normal(shape, np.float32) * np.float32(std)
-        bad = (out < a) | (out > b)
-        while bad.any():
-            out[bad] = rng.standard_normal(int(bad.sum()), np.float32) * np.float32(std)
-            bad = (out < a) | (out > b)
-        return out.astype(dtype)
-
-    return init
 
 
 def _constant(value: float) -> init_lib.InitFn:
@@ -235,11 +222,11 @@ def _constant(value: float) -> init_lib.InitFn:
 
 
 def init_rules(cfg: ConvNeXtConfig) -> list[tuple[str, init_lib.InitFn]]:
-    """timm `convnext._init_weights` (head_init_scale=1): trunc_normal(std .02) conv and linear
+    """timm `convnext._init_weights` (head_init_scale=1): init_lib.trunc_normal(std .02) conv and linear
     weights, zero biases, LayerNorms 1/0, layer-scale gammas = ls_init_value."""
     return [
         (r".*\.gamma", _constant(cfg.ls_init_value)),
-        (r".*\.kernel", trunc_normal(0.02)),
+        (r".*\.kernel", init_lib.trunc_normal(0.02)),
         (r".*\.scale", init_lib.ones),
         (r".*\.bias", init_lib.zeros),
     ]

@@ -341,39 +341,27 @@ class Eva(nnx.Module):
         return out
 
 
-def trunc_normal(std: float, a: float = -2.0, b: float = 2.0) -> init_lib.InitFn:
-    """timm `trunc_normal_(w, std=std)`: N(0, std^2) redrawn outside the ABSOLUTE bounds [a, b]."""
-
-    def init(rng, shape, dtype):
-        x = rng.standard_normal(shape, np.float32) * np.float32(std)
-        bad = (x < a) | (x > b)
-        while bad.any():
-            x[bad] = rng.standard_normal(int(bad.sum()), np.float32) * np.float32(std)
-            bad = (x < a) | (x > b)
-        return x.astype(dtype)
-
-    return init
 
 
 def init_rules(cfg: EvaConfig) -> list[tuple[str, init_lib.InitFn]]:
-    """timm `Eva.init_weights` at construction: Linear trunc_normal(.02) + zero bias; patch-embed conv
+    """timm `Eva.init_weights` at construction: Linear init_lib.trunc_normal(.02) + zero bias; patch-embed conv
     keeps PyTorch's default (kaiming-uniform a=sqrt(5) -> U(+-1/sqrt(fan_in)), bias likewise);
-    cls_token / pos_embed trunc_normal(.02); q/v biases zero; LayerNorm 1/0; `fix_init_weight`
+    cls_token / pos_embed init_lib.trunc_normal(.02); q/v biases zero; LayerNorm 1/0; `fix_init_weight`
     divides each block's attn.proj and mlp.fc2 weights by sqrt(2 * (layer_id + 1)); the head is
-    trunc_normal(.02) * head_init_scale (0.001), bias 0. (`GluMlp/SwiGLU.init_weights` is not called.)"""
+    init_lib.trunc_normal(.02) * head_init_scale (0.001), bias 0. (`GluMlp/SwiGLU.init_weights` is not called.)"""
     fan_in = cfg.patch_size * cfg.patch_size * cfg.in_chans
     bound = 1.0 / math.sqrt(fan_in)
     rules = [
         (r"patch_embed\.proj\.kernel", init_lib.uniform_symmetric(lambda s: bound)),
         (r"patch_embed\.proj\.bias", init_lib.uniform_symmetric(lambda s: bound)),
-        (r"(cls_token|pos_embed)", trunc_normal(0.02)),
-        (r"head\.kernel", trunc_normal(0.02 * 0.001)),
+        (r"(cls_token|pos_embed)", init_lib.trunc_normal(0.02)),
+        (r"head\.kernel", init_lib.trunc_normal(0.02 * 0.001)),
     ]
     for i in range(cfg.depth):
         std = 0.02 / math.sqrt(2.0 * (i + 1))
-        rules.append((rf"blocks\.{i}\.(attn\.proj|mlp\.fc2)\.kernel", trunc_normal(std)))
+        rules.append((rf"blocks\.{i}\.(attn\.proj|mlp\.fc2)\.kernel", init_lib.trunc_normal(std)))
     return rules + [
-        (r".*\.kernel", trunc_normal(0.02)),
+        (r".*\.kernel", init_lib.trunc_normal(0.02)),
         (r".*\.scale", init_lib.ones),
         (r".*\.(bias|q_bias|v_bias)", init_lib.zeros),
     ]

@@ -393,19 +393,6 @@ class SwinTransformer(SwinBase):
 # ----------------------------------------------------------------------------------------------
 
 
-def trunc_normal(std: float, a: float = -2.0, b: float = 2.0) -> init_lib.InitFn:
-    """timm `trunc_normal_(t, std=std)`: N(0, std^2) with values outside the ABSOLUTE bounds [a, b]
-    redrawn (for std 0.02 the bounds are 100 sigma away, so this is a plain normal)."""
-
-    def init(rng, shape, dtype):
-        out = rng.standard_normal(shape, np.float32) * np.float32(std)
-        bad = (out < a) | (out > b)
-        while bad.any():
-            out[bad] = rng.standard_normal(int(bad.sum()), np.float32) * np.float32(std)
-            bad = (out < a) | (out > b)
-        return out.astype(dtype)
-
-    return init
 
 
 def patch_embed_rules(cfg) -> list[tuple[str, init_lib.InitFn]]:
@@ -417,11 +404,11 @@ def patch_embed_rules(cfg) -> list[tuple[str, init_lib.InitFn]]:
 
 
 def init_rules(cfg: SwinConfig) -> list[tuple[str, init_lib.InitFn]]:
-    """timm `init_weights_vit_timm` (mode ''): every Linear trunc_normal(.02) with zero bias; the
-    relative position bias tables trunc_normal(.02); LayerNorms 1/0; patch conv torch default."""
+    """timm `init_weights_vit_timm` (mode ''): every Linear init_lib.trunc_normal(.02) with zero bias; the
+    relative position bias tables init_lib.trunc_normal(.02); LayerNorms 1/0; patch conv torch default."""
     return patch_embed_rules(cfg) + [
-        (r".*relative_position_bias_table", trunc_normal(0.02)),
-        (r".*(qkv|proj|fc1|fc2|reduction|head\.fc)\.kernel", trunc_normal(0.02)),
+        (r".*relative_position_bias_table", init_lib.trunc_normal(0.02)),
+        (r".*(qkv|proj|fc1|fc2|reduction|head\.fc)\.kernel", init_lib.trunc_normal(0.02)),
         (r".*norm\d?\.scale", init_lib.ones),
         (r".*\.bias", init_lib.zeros),
     ]

@@ -38,8 +38,8 @@ from bob_jax.models.swin import (
     shifted_window_attention,
     stage_window_sizes,
     to_2tuple,
-    trunc_normal,
 )
+from bob_jax.models.init import trunc_normal
 
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
 CPB_HIDDEN = 512

@@ -384,9 +384,6 @@ class VisionTransformer(nnx.Module):
         return out
 
 
-def _trunc_normal(std: float):
-    """timm `trunc_normal_(std=std)` (absolute bounds [-2, 2])."""
-    return lambda rng, shape, dtype: np.clip(rng.standard_normal(shape) * std, -2.0, 2.0).astype(dtype)
 
 
 def _normal(std: float):
@@ -431,9 +428,9 @@ def init_rules(cfg: ViTConfig) -> list[tuple[str, init_lib.InitFn]]:
     return rules + [
         (r"patch_embed\.proj\.kernel", _torch_conv_uniform),
         (r"patch_embed\.proj\.bias", init_lib.torch_linear_bias(fan_in)),
-        (r"pos_embed", _trunc_normal(0.02)),
+        (r"pos_embed", init_lib.trunc_normal(0.02)),
         (r"(cls|reg)_token", _normal(1e-6)),
-        (r"(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])|head)\.kernel", _trunc_normal(0.02)),
+        (r"(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])|head)\.kernel", init_lib.trunc_normal(0.02)),
         (r".*norm.*\.scale", init_lib.ones),
         (r".*\.bias", init_lib.zeros),
     ]
