@@ -48,7 +48,14 @@ def main(argv):
     from bob_jax import battle
 
     console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-    out = battle.run(config, _WORKDIR.value, console=console)
+    from bob_jax.convert import ConversionError
+    from bob_jax.io import CheckpointError, WeightsUnavailableError
+
+    try:
+        out = battle.run(config, _WORKDIR.value, console=console)
+    except (WeightsUnavailableError, CheckpointError, ConversionError, FileNotFoundError) as e:
+        # Problems with the user's inputs: the message says what is wrong and how to fix it.
+        sys.exit(f"error: {e}")
     for kind, path in out["paths"].items():
         console.print(f"wrote {kind}: {path}", markup=False, highlight=False)
 

@@ -176,6 +176,9 @@ def test_checkpoint_pos_embed_resampled_like_timm(arch):
     model = backbones.from_timm_state_dict(arch, resampled, **_SMALL, img_size=42)
     x = np.random.default_rng(1).standard_normal((2, 42, 42, 3)).astype(np.float32)
     _check(ref, model, x, intermediates=False)
+    # The family's checkpoint filter (Family.adapt) does the same inside from_timm_state_dict/create.
+    hooked = backbones.from_timm_state_dict(arch, sd, **_SMALL, img_size=42)
+    _check(ref, hooked, x, intermediates=False)
     # Equivalent without resampling the checkpoint: keep its grid, resample in the graph per input.
     dynamic = backbones.from_timm_state_dict(arch, sd, **_SMALL, img_size=70, dynamic_img_size=True)
     _check(ref, dynamic, x, intermediates=False)
