@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Ranking", "Setting", "SettingScores", "rank_backbones"]
+__all__ = ["Ranking", "Setting", "SettingScores", "finite_primary_value", "rank_backbones", "record_setting"]
 
 _log = logging.getLogger(__name__)
 
@@ -129,6 +129,29 @@ def _record_name(rec: Mapping[str, Any], i: int) -> str:
     return f"record {rec.get('key', '#' + str(i))!s} ({rec.get('backbone', '?')})"
 
 
+def record_setting(rec: Mapping[str, Any], i: int = 0) -> Setting:
+    """The setting a record belongs to; ValueError for a record lacking a needed field (see the module doc)."""
+    name = _record_name(rec, i)
+    missing = [f for f in _RECORD_FIELDS if f not in rec]
+    if missing:
+        raise ValueError(
+            f"{name} lacks field(s) {missing} needed for ranking; the task that wrote it must set "
+            "them (primary_metric names the metric in record['metrics'] to rank by)."
+        )
+    metric = rec["primary_metric"]
+    if metric not in rec["metrics"]:
+        raise ValueError(f"{name}: primary_metric {metric!r} is not among its metrics {sorted(rec['metrics'])}.")
+    return Setting(str(rec["task"]), str(rec["dataset"]), str(rec["split"]), str(rec["protocol"]), str(metric))
+
+
+def finite_primary_value(rec: Mapping[str, Any]) -> float | None:
+    """The record's primary metric as a float, or None when it is null / NaN / inf / not a number."""
+    value = rec["metrics"][rec["primary_metric"]]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def rank_backbones(records: Iterable[Mapping[str, Any]], *, min_backbones: int = 3) -> Ranking:
     """Rank backbones from result records (see the module docstring for the method).
 
@@ -145,20 +168,7 @@ def rank_backbones(records: Iterable[Mapping[str, Any]], *, min_backbones: int =
 
     for i, rec in enumerate(records):
         name = _record_name(rec, i)
-        missing = [f for f in _RECORD_FIELDS if f not in rec]
-        if missing:
-            raise ValueError(
-                f"{name} lacks field(s) {missing} needed for ranking; the task that wrote it must set "
-                "them (primary_metric names the metric in record['metrics'] to rank by)."
-            )
-        metric = rec["primary_metric"]
-        if metric not in rec["metrics"]:
-            raise ValueError(
-                f"{name}: primary_metric {metric!r} is not among its metrics {sorted(rec['metrics'])}."
-            )
-        setting = Setting(
-            str(rec["task"]), str(rec["dataset"]), str(rec["split"]), str(rec["protocol"]), str(metric)
-        )
+        setting = record_setting(rec, i)
         lower = bool(rec.get("lower_is_better", False))
         if setting in direction and direction[setting][0] != lower:
             raise ValueError(
@@ -168,13 +178,14 @@ def rank_backbones(records: Iterable[Mapping[str, Any]], *, min_backbones: int =
         direction.setdefault(setting, (lower, name))
         backbone = str(rec["backbone"])
         backbones.add(backbone)
-        value = rec["metrics"][metric]
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            msg = f"{name}: {setting.label} = {value!r} is not a finite number; left out of the ranking"
+        value = finite_primary_value(rec)
+        if value is None:
+            raw_value = rec["metrics"][setting.metric]
+            msg = f"{name}: {setting.label} = {raw_value!r} is not a finite number; left out of the ranking"
             _log.warning(msg)
             skipped.append(msg)
             continue
-        raw[setting][backbone].append(float(value))
+        raw[setting][backbone].append(value)
 
     settings: list[SettingScores] = []
     for setting in sorted(direction):
