@@ -16,6 +16,8 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
+from flax import nnx
 
 from bob_jax import backbones, parallel
 from bob_jax.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
@@ -118,6 +120,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, console=
         model = backbones.create(name, weights=weights, seed=config.seed, num_classes=0,
                                  **input_size_kwargs(name, config))
         pre = backbone_preprocess(model, config)
+        num_params = int(sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
         common = {
             "input_size": pre.input_size, "normalization": config.normalization,
             "train_source": train_src.describe(), "test_source": test_src.describe(),
@@ -140,7 +143,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, console=
         extract_s = time.time() - t0
         for task, key, hparams in pending:
             t1 = time.time()
-            metrics = TASKS[task].run(
+            metrics, per_example = TASKS[task].run(
                 train, test, num_classes=num_classes, cfg=config[task], mesh=mesh,
                 workdir=str(workdir / "runs" / key), progress=config.progress,
             )
@@ -153,7 +156,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, console=
                 "wall_time_s": {"task": time.time() - t1, "features": extract_s,
                                 "features_cached": bool(train.cached and test.cached)},
                 "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
-                "environment": env,
+                "environment": env, "num_params": num_params,
+                "metrics_per_example": None if per_example is None else [float(v) for v in per_example],
             })
             line = f"{label} / {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             log.info(line)

@@ -1,7 +1,8 @@
 """Frozen-feature tasks: each reads cached train/test features and returns metrics.
 
 A task entry names its primary metric (what the ranking scores) and turns the task's config
-section into keyword arguments. Linear probe (BoB/MAE recipe, LARS), kNN (DINO temperature
+section into keyword arguments. A task returns `(metrics, per_example)`: `per_example` holds the
+primary metric per test example (or None), which the report resamples for bootstrap intervals. Linear probe (BoB/MAE recipe, LARS), kNN (DINO temperature
 weighting) and retrieval (test queries against the train database, same class = positive).
 """
 
@@ -20,11 +21,11 @@ from bob_jax.features import Features
 class FrozenTask:
     name: str
     primary_metric: str
-    run: Callable[..., dict[str, float]]
+    run: Callable[..., tuple[dict[str, float], np.ndarray | None]]
 
 
 def linear_probe(train: Features, test: Features, *, num_classes: int, cfg: Mapping[str, Any], mesh, workdir,
-                 progress: bool) -> dict[str, float]:
+                 progress: bool) -> tuple[dict[str, float], np.ndarray | None]:
     from bob_jax.tasks.linear_probe import LinearProbeConfig, run_linear_probe
 
     out = run_linear_probe(
@@ -32,11 +33,11 @@ def linear_probe(train: Features, test: Features, *, num_classes: int, cfg: Mapp
         num_classes=num_classes, config=LinearProbeConfig(**dict(cfg)), mesh=mesh, workdir=workdir,
         progress=progress,
     )
-    return {k: float(v) for k, v in out.items() if np.isscalar(v) and not isinstance(v, str)}
+    return {k: float(v) for k, v in out.items() if np.isscalar(v) and not isinstance(v, str)}, None
 
 
 def knn(train: Features, test: Features, *, num_classes: int, cfg: Mapping[str, Any], mesh, workdir,
-        progress: bool) -> dict[str, float]:
+        progress: bool) -> tuple[dict[str, float], np.ndarray | None]:
     from bob_jax.evaluate.knn import knn_classify_multi
 
     ks = tuple(sorted({int(cfg["k"]), *(int(k) for k in cfg["extra_ks"])}))
@@ -46,14 +47,18 @@ def knn(train: Features, test: Features, *, num_classes: int, cfg: Mapping[str, 
     )
     metrics = {f"top1@k={k}": float(np.mean(np.asarray(p) == test.labels)) for k, p in preds.items()}
     metrics["top1"] = metrics[f"top1@k={int(cfg['k'])}"]
-    return metrics
+    correct = (np.asarray(preds[int(cfg["k"])]) == test.labels).astype(np.float64)
+    return metrics, correct
 
 
 def retrieval(train: Features, test: Features, *, num_classes: int, cfg: Mapping[str, Any], mesh, workdir,
-              progress: bool) -> dict[str, float]:
+              progress: bool) -> tuple[dict[str, float], np.ndarray | None]:
     from bob_jax.evaluate.retrieval import retrieval_metrics
 
-    return retrieval_metrics(test.features, train.features, test.labels, train.labels, ks=tuple(cfg["ks"]))
+    metrics, per_query = retrieval_metrics(
+        test.features, train.features, test.labels, train.labels, ks=tuple(cfg["ks"]), return_per_query=True
+    )
+    return metrics, per_query["AP_revisited"]
 
 
 TASKS = {

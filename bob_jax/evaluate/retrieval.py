@@ -229,8 +229,12 @@ def retrieval_metrics(
     *,
     ks: Sequence[int] = (1, 5, 10),
     chunk_size: int | None = None,
-) -> dict[str, float]:
+    return_per_query: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], dict[str, np.ndarray]]:
     """Label-based retrieval metrics of one backbone's descriptors; positives share the query's label.
+
+    With ``return_per_query=True`` also returns the per-query arrays of :func:`metrics_from_scores`
+    (for bootstrap confidence intervals over queries).
 
     Descriptors are L2-normalised and compared by cosine similarity; each query ranks the whole database
     (stable sort, ties in database-index order). Returned keys (definitions in :func:`metrics_from_scores`):
@@ -268,7 +272,8 @@ def retrieval_metrics(
         relevant = query_labels[sl, None] == db_labels[None, :]
         parts.append(metrics_from_scores(scores, relevant, ks=ks))
     per_query = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-    return _aggregate(per_query, ks, map_keys={"AP": "mAP", "AP_revisited": "mAP_revisited"})
+    metrics = _aggregate(per_query, ks, map_keys={"AP": "mAP", "AP_revisited": "mAP_revisited"})
+    return (metrics, per_query) if return_per_query else metrics
 
 
 def _aggregate(per_query: Mapping[str, np.ndarray], ks: Sequence[int], map_keys: Mapping[str, str]) -> dict:

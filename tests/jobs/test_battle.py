@@ -37,6 +37,11 @@ def test_battle_cli_end_to_end(tmp_path):
         assert r["hparams"]["train_source"]["subset"]["n"] == 120
         assert r["environment"]["packages"]["jax"] and "git_commit" in r["environment"]
         assert 0.0 <= r["metrics"][r["primary_metric"]] <= 1.0
+        assert r["num_params"] > 1_000_000
+        if r["task"] in ("knn", "retrieval"):  # per-example primary metric, for bootstrap intervals
+            per = [v for v in r["metrics_per_example"] if v is not None]
+            assert len(r["metrics_per_example"]) == 60
+            assert abs(sum(per) / len(per) - r["metrics"][r["primary_metric"]]) < 1e-9
     report = tmp_path / "report"
     assert (report / "ranking.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (report / "ranking.md").read_text()
