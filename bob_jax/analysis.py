@@ -43,7 +43,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -69,8 +68,6 @@ __all__ = [
     "spearman",
     "task_correlations",
 ]
-
-_log = logging.getLogger(__name__)
 
 POOL_COLUMNS = ("backbone", "task", "dataset", "split", "protocol", "metric", "value")
 POOL_OPTIONAL_COLUMNS = ("lower_is_better", "num_params", "metrics_per_example")
@@ -121,7 +118,8 @@ def pool_records(rows: Iterable[Mapping[str, Any]], source: str = "pool") -> lis
     out = []
     for i, row in enumerate(rows, start=1):
         where = f"{source} row {i}"
-        missing = [c for c in POOL_COLUMNS if c not in row or row[c] is None]
+        # A null value is allowed (not evaluated, left out with a warning); a null name is not.
+        missing = [c for c in POOL_COLUMNS if c not in row or (row[c] is None and c != "value")]
         if missing:
             raise ValueError(
                 f"{where} lacks column(s) {missing}; a pool row needs {list(POOL_COLUMNS)} "
@@ -278,8 +276,11 @@ class Correlations:
 
 
 def task_correlations(ranking: Ranking) -> Correlations:
-    """Spearman correlation of per-task mean z between every pair of tasks (diagonal 1 where n >= 2)."""
-    tasks = list(ranking.tasks)
+    """Spearman correlation of per-task mean z between every pair of tasks (diagonal 1 where n >= 2).
+
+    Tasks without any scored setting (no task z for anyone) are left out.
+    """
+    tasks = [t for t in ranking.tasks if any(t in tz for tz in ranking.task_z.values())]
     k = len(tasks)
     rho = np.full((k, k), np.nan)
     n = np.zeros((k, k), dtype=np.int64)
@@ -321,6 +322,7 @@ class BootstrapResult:
     task_z: dict[str, dict[str, Interval]]
     overall_z: dict[str, Interval]
     rank: dict[str, Interval]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def any(self) -> bool:
@@ -331,13 +333,21 @@ class BootstrapResult:
 
 
 def _per_example(rec: Mapping[str, Any], value: float, name: str) -> np.ndarray:
-    arr = rec["metrics_per_example"]
+    """The record's finite per-example values, checked to average to its primary metric.
+
+    Null / NaN entries are examples where the metric is undefined (a retrieval query without positives) and
+    which the metric's mean leaves out, so they are dropped here too.
+    """
+    raw = rec["metrics_per_example"]
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence | np.ndarray):
+        raise ValueError(f"{name}: metrics_per_example is not a list of numbers.")
     try:
-        arr = np.asarray(arr, dtype=np.float64)
+        arr = np.asarray([np.nan if v is None else v for v in raw], dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"{name}: metrics_per_example is not a list of numbers.") from None
-    if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name}: metrics_per_example must be a non-empty list of finite numbers.")
+    arr = arr[np.isfinite(arr)] if arr.ndim == 1 else arr
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name}: metrics_per_example must be a non-empty list of numbers (nulls dropped).")
     mean = float(arr.mean())
     if abs(mean - value) > 1e-6 * max(1.0, abs(value)):
         raise ValueError(
@@ -367,11 +377,15 @@ def bootstrap_ranking(
     level: float = 0.95,
     min_backbones: int = 3,
     ranking: Ranking | None = None,
+    strict: bool = True,
 ) -> BootstrapResult:
     """Bootstrap percentile intervals for every value, z, task z, overall z and rank (module docstring).
 
     Which settings are scored is fixed by the point estimate (``ranking``, computed when not given); a
-    replicate in which a setting has zero spread contributes no z for it.
+    replicate in which a setting has zero spread contributes no z for it. A record whose
+    ``metrics_per_example`` is unusable (not numbers, or not averaging to its primary metric) raises
+    ValueError, or with ``strict=False`` is treated as having none and noted in :attr:`BootstrapResult.notes`
+    (the report uses this, so one odd record does not stop a battle's report).
     """
     if num_resamples < 1:
         raise ValueError(f"num_resamples must be >= 1, got {num_resamples}.")
@@ -385,6 +399,7 @@ def bootstrap_ranking(
     # (setting, backbone) -> per-record resampled values (B,); complete: every record had per-example values.
     reps: dict[tuple[Setting, str], list[np.ndarray]] = defaultdict(list)
     complete: dict[tuple[Setting, str], bool] = {}
+    notes: list[str] = []
     for i, rec in enumerate(records):
         setting = record_setting(rec, i)
         value = finite_primary_value(rec)
@@ -392,8 +407,16 @@ def bootstrap_ranking(
             continue
         key = (setting, str(rec["backbone"]))
         name = f"record {rec.get('key', '#' + str(i))!s} ({rec['backbone']})"
+        per_example = None
         if rec.get("metrics_per_example") is not None:
-            reps[key].append(_resampled_means(_per_example(rec, value, name), num_resamples, rng))
+            try:
+                per_example = _per_example(rec, value, name)
+            except ValueError as e:
+                if strict:
+                    raise
+                notes.append(f"{e} Held fixed (no interval).")
+        if per_example is not None:
+            reps[key].append(_resampled_means(per_example, num_resamples, rng))
             complete.setdefault(key, True)
         else:
             reps[key].append(np.full(num_resamples, value))
@@ -477,4 +500,5 @@ def bootstrap_ranking(
         task_z=task_ci,
         overall_z=overall_ci,
         rank=rank_ci,
+        notes=notes,
     )

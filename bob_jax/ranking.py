@@ -130,7 +130,7 @@ def _record_name(rec: Mapping[str, Any], i: int) -> str:
 
 
 def record_setting(rec: Mapping[str, Any], i: int = 0) -> Setting:
-    """The setting a record belongs to; ValueError for a record lacking a needed field (see the module doc)."""
+    """The setting a record belongs to; ValueError for a record lacking a field the ranking needs."""
     name = _record_name(rec, i)
     missing = [f for f in _RECORD_FIELDS if f not in rec]
     if missing:
@@ -140,8 +140,11 @@ def record_setting(rec: Mapping[str, Any], i: int = 0) -> Setting:
         )
     metric = rec["primary_metric"]
     if metric not in rec["metrics"]:
-        raise ValueError(f"{name}: primary_metric {metric!r} is not among its metrics {sorted(rec['metrics'])}.")
-    return Setting(str(rec["task"]), str(rec["dataset"]), str(rec["split"]), str(rec["protocol"]), str(metric))
+        raise ValueError(
+            f"{name}: primary_metric {metric!r} is not among its metrics {sorted(rec['metrics'])}."
+        )
+    fields = (rec["task"], rec["dataset"], rec["split"], rec["protocol"], metric)
+    return Setting(*(str(f) for f in fields))
 
 
 def finite_primary_value(rec: Mapping[str, Any]) -> float | None:

@@ -1,13 +1,27 @@
-"""Ranking report: rich tables on the console and ``ranking.{csv,md,png,json}`` files.
+"""Ranking report: rich tables on the console and ranking, correlation, tier and bootstrap files.
 
 Usage::
 
-    python -m bob_jax.report --workdir DIR [--out DIR] [--min_backbones 3]
+    python -m bob_jax.report --workdir DIR [--workdir DIR2 ...] [--pool FILE ...] [--out DIR]
+        [--min_backbones 3] [--bootstrap 1000] [--seed 0]
 
-reads every record under ``DIR/results`` (:class:`bob_jax.results.ResultsStore`), ranks the backbones with
-:func:`bob_jax.ranking.rank_backbones` and writes the files to ``--out`` (default ``DIR/report``). The main
-job calls :func:`write_report` directly. Every output is written atomically, so a report being refreshed by
-one job while another reads it is never seen half-written.
+reads every record under each ``DIR/results`` (:class:`bob_jax.results.ResultsStore`) and every pool file
+(published numbers, CSV or JSON lines; the format is described in :mod:`bob_jax.analysis`), ranks all
+backbones together with :func:`bob_jax.ranking.rank_backbones` and writes to ``--out`` (default: the first
+``DIR/report``; required when only pool files are given):
+
+* ``ranking.{csv,md,png,json}``: the ranking with overall / per-task z, raw primary metrics, the pool
+  (backbones and settings standardised together, where the records came from) and the weighting; the PNG
+  shows the overall z with bootstrap error bars where available;
+* ``correlations.{csv,md,png}`` (two or more tasks): cross-task Spearman correlation of per-task mean z;
+* ``small_backbones.csv`` and ``params.png`` (when parameter counts are known): the < 30 M tier and overall
+  z against parameter count;
+* ``bootstrap.csv`` (when records carry ``metrics_per_example``): 95 % percentile intervals for every value,
+  z, task z, overall z and rank, from resampling test examples (:func:`bob_jax.analysis.bootstrap_ranking`).
+
+The main job calls :func:`write_report` directly. Every output is written atomically, so a report being
+refreshed by one job while another reads it is never seen half-written. Files from an earlier report that
+no longer apply (e.g. ``bootstrap.csv``) are removed, so a report directory never mixes two pools.
 
 The command line uses absl's ``argparse_flags`` parser under ``absl.app.run`` rather than module-level
 ``flags.DEFINE_*``: ``bob_jax.main`` defines its own ``--workdir`` flag and imports this module, and two
@@ -21,16 +35,50 @@ import io
 import math
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from bob_jax.analysis import (
+    SMALL_PARAMS,
+    BootstrapResult,
+    Correlations,
+    bootstrap_ranking,
+    load_pool,
+    param_counts,
+    small_backbones,
+    spearman,
+    task_correlations,
+)
 from bob_jax.ranking import Ranking, rank_backbones
 from bob_jax.results import ResultsStore, atomic_write_bytes, atomic_write_text
 
-__all__ = ["FIGURE_DPI", "figure_size", "main", "method_statement", "print_ranking", "write_report"]
+__all__ = [
+    "FIGURE_DPI",
+    "Analysis",
+    "analyse",
+    "figure_size",
+    "main",
+    "method_statement",
+    "pool_statement",
+    "print_ranking",
+    "write_report",
+]
 
 FIGURE_DPI = 100
+
+# Every file write_report may produce; those not produced this time are deleted (stale results).
+_OPTIONAL_FILES = (
+    "correlations.csv",
+    "correlations.md",
+    "correlations.png",
+    "small_backbones.csv",
+    "params.png",
+    "bootstrap.csv",
+)
 
 
 def figure_size(num_backbones: int) -> tuple[float, float]:
@@ -46,6 +94,17 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 def _fmt_raw(x: float | None) -> str:
     return _fmt(x, ".4g")
+
+
+def _fmt_ci(ci: tuple[float, float] | None, spec: str = ".3f") -> str:
+    """``[lo, hi]``, or '-' where no interval exists (records without per-example values)."""
+    if ci is None or not all(math.isfinite(v) for v in ci):
+        return "-"
+    return f"[{format(ci[0], spec)}, {format(ci[1], spec)}]"
+
+
+def _fmt_params(n: int | None) -> str:
+    return "" if n is None else f"{n / 1e6:.1f}M"
 
 
 def method_statement(ranking: Ranking) -> str:
@@ -68,40 +127,156 @@ def method_statement(ranking: Ranking) -> str:
     return text + "."
 
 
+def pool_statement(ranking: Ranking, records: Sequence[Mapping[str, Any]]) -> str:
+    """Which backbones were standardised together, and where their records came from."""
+    sources = Counter(str(r.get("source", "results store")) for r in records)
+    names = ranking.ranked
+    text = (
+        f"Pool: {len(names)} backbone(s) standardised together ({', '.join(names)}) in "
+        f"{len(ranking.scored_settings)} scored setting(s); each setting's z-scores use only the backbones "
+        "evaluated in it (listed in the settings table). Records: "
+        + ", ".join(f"{n} from {src}" for src, n in sorted(sources.items()))
+    )
+    return text + "."
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Everything a report shows, computed once
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Analysis:
+    """The ranking plus the analyses of :mod:`bob_jax.analysis` for one set of records."""
+
+    def __init__(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        min_backbones: int = 3,
+        bootstrap_resamples: int = 1000,
+        seed: int = 0,
+        small_threshold: int = SMALL_PARAMS,
+    ):
+        self.records = list(records)
+        self.ranking = rank_backbones(self.records, min_backbones=min_backbones)
+        self.params = param_counts(self.records)
+        self.small_threshold = small_threshold
+        self.small = small_backbones(self.ranking, self.params, small_threshold)
+        self.correlations: Correlations | None = (
+            task_correlations(self.ranking) if len(self.ranking.tasks) >= 2 else None
+        )
+        if self.correlations is not None and len(self.correlations.tasks) < 2:
+            self.correlations = None
+        self.bootstrap: BootstrapResult | None = None
+        if bootstrap_resamples > 0 and any(r.get("metrics_per_example") is not None for r in self.records):
+            self.bootstrap = bootstrap_ranking(
+                self.records, num_resamples=bootstrap_resamples, seed=seed, ranking=self.ranking, strict=False
+            )
+
+    @property
+    def scored(self) -> list[str]:
+        return [b for b in self.ranking.ranked if self.ranking.overall_z[b] is not None]
+
+    def params_rho(self) -> tuple[float, int]:
+        """Spearman rho of overall z vs parameter count over scored backbones with a known count."""
+        bbs = [b for b in self.scored if b in self.params]
+        if len(bbs) < 2:
+            return float("nan"), len(bbs)
+        return spearman([self.params[b] for b in bbs], [self.ranking.overall_z[b] for b in bbs]), len(bbs)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = self.ranking.as_dict()
+        out["pool_statement"] = pool_statement(self.ranking, self.records)
+        out["method_statement"] = method_statement(self.ranking)
+        out["num_params"] = dict(self.params)
+        out["small_backbones"] = {"threshold": self.small_threshold, "ranked": list(self.small)}
+        if self.correlations is not None:
+            c = self.correlations
+            out["task_correlations"] = {
+                "tasks": c.tasks,
+                "spearman": [[None if not math.isfinite(v) else float(v) for v in row] for row in c.rho],
+                "num_backbones": c.n.tolist(),
+            }
+        out["bootstrap"] = None if self.bootstrap is None else self.bootstrap.as_dict()
+        return out
+
+
+def analyse(records: Iterable[Mapping[str, Any]], **kwargs) -> Analysis:
+    """:class:`Analysis` of ``records`` (keyword arguments as its constructor)."""
+    return Analysis(list(records), **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Table content shared by the console, CSV and Markdown outputs
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _rows(ranking: Ranking) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: rank, backbone, overall z, #settings, z per task, raw primary metric per setting."""
-    header = ["rank", "backbone", "overall_z", "num_settings"]
+def _n_rank_cols(ranking: Ranking) -> int:
+    return 7 + len(ranking.tasks)
+
+
+def _rows(a: Analysis, *, ci_cells: bool) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: rank, backbone, overall z (+CI), rank CI, params, #settings, z per task, raw values.
+
+    With ``ci_cells`` the task-z and raw cells also show their interval (Markdown / console); the CSV keeps
+    plain numbers there (intervals are in ``bootstrap.csv``).
+    """
+    ranking, boot = a.ranking, a.bootstrap
+    header = ["rank", "backbone", "overall_z", "overall_z_ci", "rank_ci", "num_params", "num_settings"]
     header += [f"z:{t}" for t in ranking.tasks]
     header += [s.setting.label for s in ranking.settings]
     rows = []
     for i, b in enumerate(ranking.ranked, start=1):
         overall = ranking.overall_z[b]
-        row = [str(i) if overall is not None else "", b, _fmt(overall), str(ranking.num_settings[b])]
-        row += [_fmt(ranking.task_z[b].get(t)) for t in ranking.tasks]
-        row += [_fmt_raw(s.values.get(b)) for s in ranking.settings]
+        row = [
+            str(i) if overall is not None else "",
+            b,
+            _fmt(overall),
+            _fmt_ci(boot.overall_z.get(b) if boot else None),
+            _fmt_ci(boot.rank.get(b) if boot else None, ".0f"),
+            _fmt_params(a.params.get(b)),
+            str(ranking.num_settings[b]),
+        ]
+        for t in ranking.tasks:
+            cell = _fmt(ranking.task_z[b].get(t))
+            if ci_cells and boot and t in boot.task_z.get(b, {}):
+                cell += " " + _fmt_ci(boot.task_z[b][t])
+            row.append(cell)
+        for s in ranking.settings:
+            cell = _fmt_raw(s.values.get(b))
+            if ci_cells and boot and b in boot.value.get(s.setting.label, {}):
+                cell += " " + _fmt_ci(boot.value[s.setting.label][b], ".4g")
+            row.append(cell)
         rows.append(row)
     return header, rows
 
 
-def print_ranking(ranking: Ranking, console=None) -> None:
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+
+
+def print_ranking(analysis: Analysis, console=None) -> None:
     """Print the ranking to a rich console (default: stdout, 240 columns wide when not a terminal).
 
-    Two tables keep it readable at any number of settings: the ranking (overall and per-task z), then the raw
-    primary metric per setting with short column ids (S1, S2, ...) explained in a legend.
+    Tables keep it readable at any number of settings: the ranking (overall and per-task z), then the raw
+    primary metric per setting with short column ids (S1, S2, ...) explained in a legend, then the small tier
+    and the cross-task correlations when available.
     """
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    if not isinstance(analysis, Analysis):
+        raise TypeError(
+            f"print_ranking needs an Analysis (bob_jax.report.analyse(records)), got {type(analysis)}."
+        )
+    a = analysis
+    ranking = a.ranking
     if console is None:
-        console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
-    header, rows = _rows(ranking)
-    n_rank_cols = 4 + len(ranking.tasks)
+        console = _console()
+    header, rows = _rows(a, ci_cells=True)
+    n_rank_cols = _n_rank_cols(ranking)
 
     table = Table(title="Battle of the Backbones ranking (mean z-score)")
     for j, name in enumerate(header[:n_rank_cols]):
@@ -131,11 +306,43 @@ def print_ranking(ranking: Ranking, console=None) -> None:
                 "yes" if st.scored else escape(f"no ({st.reason})"),
             )
         console.print(legend)
+    if a.small:
+        small = Table(title=f"Small backbones (< {a.small_threshold / 1e6:g}M parameters, full-pool z)")
+        for name in ("rank", "backbone", "params", "overall_z"):
+            small.add_column(name, justify="left" if name == "backbone" else "right", no_wrap=True)
+        for i, b in enumerate(a.small, start=1):
+            small.add_row(str(i), escape(b), _fmt_params(a.params[b]), _fmt(ranking.overall_z[b]))
+        console.print(small)
+    if a.correlations is not None:
+        c = a.correlations
+        corr = Table(title="Cross-task Spearman correlation of per-task mean z (n backbones)")
+        corr.add_column("task", no_wrap=True)
+        for t in c.tasks:
+            corr.add_column(escape(t), justify="right", no_wrap=True)
+        for i, t in enumerate(c.tasks):
+            corr.add_row(escape(t), *(_corr_cell(c, i, j) for j in range(len(c.tasks))))
+        console.print(corr)
+    console.print(pool_statement(ranking, a.records), style="dim", markup=False, highlight=False)
     console.print(method_statement(ranking), style="dim", markup=False, highlight=False)
+    if a.bootstrap is not None:
+        console.print(_bootstrap_statement(a.bootstrap), style="dim", markup=False, highlight=False)
 
 
-def _csv_text(ranking: Ranking) -> str:
-    header, rows = _rows(ranking)
+def _corr_cell(c: Correlations, i: int, j: int) -> str:
+    return f"{_fmt(float(c.rho[i, j]), '.2f') or 'n/a'} ({c.n[i, j]})"
+
+
+def _bootstrap_statement(boot: BootstrapResult) -> str:
+    return (
+        f"Intervals: {100 * boot.level:g}% bootstrap percentile intervals from {boot.num_resamples} "
+        f"resamples (seed {boot.seed}) of the test examples within each record (metrics_per_example); "
+        "every value, z-score, task mean, overall score and rank is recomputed per resample. '-' marks "
+        "backbones with a record lacking per-example values (held fixed, so no interval is claimed); only "
+        "test-set noise is covered, not training seeds."
+    )
+
+
+def _csv(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -156,15 +363,64 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]], right: Itera
     return lines
 
 
-def _markdown(ranking: Ranking) -> str:
-    header, rows = _rows(ranking)
-    n_rank_cols = 4 + len(ranking.tasks)
-    lines = ["# Battle of the Backbones ranking", "", method_statement(ranking), "", "## Ranking", ""]
+def _correlation_md(c: Correlations) -> list[str]:
+    header = ["task", *c.tasks]
+    rows = [[t, *(_corr_cell(c, i, j) for j in range(len(c.tasks)))] for i, t in enumerate(c.tasks)]
+    return _md_table(header, rows, right=range(1, len(header)))
+
+
+def _markdown(a: Analysis) -> str:
+    ranking = a.ranking
+    header, rows = _rows(a, ci_cells=True)
+    n_rank_cols = _n_rank_cols(ranking)
+    lines = ["# Battle of the Backbones ranking", ""]
+    lines += [pool_statement(ranking, a.records), "", method_statement(ranking), ""]
+    if a.bootstrap is not None:
+        lines += [_bootstrap_statement(a.bootstrap), ""]
+    lines += ["## Ranking", ""]
     lines += _md_table(
         header[:n_rank_cols], [r[:n_rank_cols] for r in rows], right=[0, *range(2, n_rank_cols)]
     )
+    lines += ["", f"## Small backbones (< {a.small_threshold / 1e6:g}M parameters)", ""]
+    if a.small:
+        lines += [
+            "Ranked by their overall z from the full pool above (the tier filters the ranking, it does not "
+            "re-standardise).",
+            "",
+        ]
+        lines += _md_table(
+            ["rank", "backbone", "params", "overall_z", "overall_z_ci"],
+            [
+                [
+                    str(i),
+                    b,
+                    _fmt_params(a.params[b]),
+                    _fmt(ranking.overall_z[b]),
+                    _fmt_ci(a.bootstrap.overall_z.get(b) if a.bootstrap else None),
+                ]
+                for i, b in enumerate(a.small, start=1)
+            ],
+            right=(0, 2, 3),
+        )
+    elif a.params:
+        lines.append("No scored backbone with a known parameter count is below the threshold.")
+    else:
+        lines.append("Parameter counts unknown (no record carries num_params).")
+    rho, n = a.params_rho()
+    if n:
+        lines += ["", f"Spearman correlation of overall z with parameter count: {_fmt(rho, '.2f') or 'n/a'} "
+                  f"over {n} backbone(s) (see params.png)."]
+    if a.correlations is not None:
+        lines += ["", "## Cross-task Spearman correlation", ""]
+        lines += [
+            "Spearman's rho between per-task mean z-scores over the backbones scored in both tasks "
+            "(number of backbones in parentheses).",
+            "",
+        ]
+        lines += _correlation_md(a.correlations)
     lines += ["", "## Settings", ""]
-    set_header = ["setting", "direction", "backbones", "mean", "std", "scored"]
+    everyone = set(ranking.ranked)
+    set_header = ["setting", "direction", "backbones", "mean", "std", "scored", "pool"]
     set_rows = [
         [
             s.setting.label,
@@ -173,6 +429,7 @@ def _markdown(ranking: Ranking) -> str:
             _fmt_raw(s.mean),
             _fmt_raw(s.std),
             "yes" if s.scored else f"no ({s.reason})",
+            "all backbones" if set(s.values) == everyone else ", ".join(s.values),
         ]
         for s in ranking.settings
     ]
@@ -182,36 +439,136 @@ def _markdown(ranking: Ranking) -> str:
     lines += _md_table(raw_header, [[r[1], *r[n_rank_cols:]] for r in rows], right=range(1, len(raw_header)))
     if ranking.skipped:
         lines += ["", "## Records left out", ""] + [f"- {_md_escape(m)}" for m in ranking.skipped]
+    if a.bootstrap is not None and a.bootstrap.notes:
+        lines += ["", "## Per-example values not used", ""]
+        lines += [f"- {_md_escape(m)}" for m in a.bootstrap.notes]
     return "\n".join(lines) + "\n"
 
 
-def _png_bytes(ranking: Ranking) -> bytes:
+def _bootstrap_csv(a: Analysis) -> str:
+    """Long format: quantity, setting or task, backbone, estimate, lo, hi."""
+    boot, ranking = a.bootstrap, a.ranking
+    rows = []
+    for s in ranking.settings:
+        label = s.setting.label
+        for b, ci in boot.value.get(label, {}).items():
+            rows.append(["value", label, b, _fmt(s.values[b], ".6g"), _fmt(ci[0], ".6g"), _fmt(ci[1], ".6g")])
+        for b, ci in boot.z.get(label, {}).items():
+            rows.append(["z", label, b, _fmt(s.z[b], ".6g"), _fmt(ci[0], ".6g"), _fmt(ci[1], ".6g")])
+    for b in ranking.ranked:
+        for t, ci in boot.task_z.get(b, {}).items():
+            est = _fmt(ranking.task_z[b][t], ".6g")
+            rows.append(["task_z", t, b, est, _fmt(ci[0], ".6g"), _fmt(ci[1], ".6g")])
+    for i, b in enumerate(ranking.ranked, start=1):
+        if b in boot.overall_z:
+            ci = boot.overall_z[b]
+            rows.append(["overall_z", "", b, _fmt(ranking.overall_z[b], ".6g"), _fmt(ci[0], ".6g"),
+                         _fmt(ci[1], ".6g")])
+            lo, hi = boot.rank[b]
+            rows.append(["rank", "", b, str(i), f"{lo:g}", f"{hi:g}"])
+    return _csv(["quantity", "setting_or_task", "backbone", "estimate", "lo", "hi"], rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _figure(size: tuple[float, float]):
     # Agg canvas attached to a bare Figure: renders without a display and without touching pyplot's global
     # backend or figure registry, so repeated reports in one process neither leak figures nor change state.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    scored = [b for b in ranking.ranked if ranking.overall_z[b] is not None]
-    fig = Figure(figsize=figure_size(len(scored)), dpi=FIGURE_DPI)
+    fig = Figure(figsize=size, dpi=FIGURE_DPI)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig) -> bytes:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    # No bbox_inches="tight": the PNG keeps exactly the figure size * FIGURE_DPI pixels.
+    fig.savefig(buf, format="png", dpi=FIGURE_DPI)
+    return buf.getvalue()
+
+
+def _png_bytes(a: Analysis) -> bytes:
+    ranking, boot = a.ranking, a.bootstrap
+    scored = a.scored
+    fig = _figure(figure_size(len(scored)))
     ax = fig.add_subplot()
     if scored:
         ys = list(range(len(scored)))[::-1]  # best at the top
         zs = [ranking.overall_z[b] for b in scored]
         colors = ["tab:blue" if z >= 0 else "tab:red" for z in zs]
         ax.barh(ys, zs, color=colors)
+        with_ci = [
+            (y, z, boot.overall_z[b]) for y, z, b in zip(ys, zs, scored) if boot and b in boot.overall_z
+        ]
+        if with_ci:
+            # Percentile intervals need not contain the point estimate; clip so errorbar gets no negative arm.
+            err = np.array([[max(z - c[0], 0.0), max(c[1] - z, 0.0)] for _, z, c in with_ci]).T
+            ax.errorbar([z for _, z, _ in with_ci], [y for y, _, _ in with_ci], xerr=err, fmt="none",
+                        ecolor="black", capsize=3, linewidth=1)
         ax.set_yticks(ys, labels=scored, fontsize=8)
         ax.axvline(0.0, color="black", linewidth=0.8)
-        ax.set_xlabel("mean z-score (equal weight per setting within a task, equal weight per task)")
+        label = "mean z-score (equal weight per setting within a task, equal weight per task)"
+        if boot is not None and boot.overall_z:
+            label += f"; bars: {100 * boot.level:g}% bootstrap CI"
+        ax.set_xlabel(label, fontsize=8)
     else:
         ax.text(0.5, 0.5, "no scored settings yet", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
     ax.set_title("Battle of the Backbones: overall ranking", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    # No bbox_inches="tight": the PNG keeps exactly figure_size() * FIGURE_DPI pixels.
-    fig.savefig(buf, format="png", dpi=FIGURE_DPI)
-    return buf.getvalue()
+    return _png(fig)
+
+
+def _correlation_png(c: Correlations) -> bytes:
+    k = len(c.tasks)
+    side = 3.0 + 0.8 * k
+    fig = _figure((side + 1.0, side))
+    ax = fig.add_subplot()
+    im = ax.imshow(np.where(np.isfinite(c.rho), c.rho, np.nan), vmin=-1.0, vmax=1.0, cmap="RdBu")
+    ax.set_xticks(range(k), labels=c.tasks, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), labels=c.tasks, fontsize=8)
+    for i in range(k):
+        for j in range(k):
+            dark = bool(np.isfinite(c.rho[i, j]) and abs(c.rho[i, j]) > 0.6)  # readable on deep colours
+            ax.text(j, i, _corr_cell(c, i, j), ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")
+    fig.colorbar(im, ax=ax, label="Spearman rho")
+    ax.set_title("Cross-task rank correlation (n backbones)", fontsize=10)
+    return _png(fig)
+
+
+def _params_png(a: Analysis) -> bytes:
+    bbs = [b for b in a.scored if b in a.params]
+    fig = _figure((8.0, 6.0))
+    ax = fig.add_subplot()
+    xs = [a.params[b] / 1e6 for b in bbs]
+    ys = [a.ranking.overall_z[b] for b in bbs]
+    ax.scatter(xs, ys, color="tab:blue")
+    for x, y, b in zip(xs, ys, bbs):
+        ax.annotate(b, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.axvline(a.small_threshold / 1e6, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda x, _: f"{x:g}")  # "30", not "3 x 10^1"
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.margins(x=0.2)  # room for the labels of the right-most points
+    ax.set_xlabel("parameters (millions, log scale); dashed: small-tier threshold")
+    ax.set_ylabel("overall mean z-score")
+    rho, n = a.params_rho()
+    ax.set_title(f"Score vs parameter count (Spearman rho {_fmt(rho, '.2f') or 'n/a'}, n={n})", fontsize=10)
+    return _png(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------
 
 
 def write_report(
@@ -220,28 +577,70 @@ def write_report(
     *,
     min_backbones: int = 3,
     console=None,
+    bootstrap_resamples: int = 1000,
+    seed: int = 0,
+    small_threshold: int = SMALL_PARAMS,
 ) -> dict[str, Path]:
-    """Rank ``records`` and write ``ranking.{csv,md,png,json}`` atomically into ``out_dir``.
+    """Rank ``records`` and write the report files (module docstring) atomically into ``out_dir``.
 
-    Returns ``{"csv": path, "md": path, "png": path, "json": path}``. When ``console`` (a
-    ``rich.console.Console``) is given, the table is printed to it as well.
+    Returns a dict kind -> path with at least ``csv``, ``md``, ``png`` and ``json`` (the ranking), plus
+    ``correlations_{csv,md,png}``, ``small_csv``, ``params_png`` and ``bootstrap_csv`` when they apply.
+    ``bootstrap_resamples=0`` turns the bootstrap off. When ``console`` (a ``rich.console.Console``) is
+    given, the tables are printed to it as well.
     """
     import json
 
     from bob_jax.results import _to_jsonable
 
-    ranking = rank_backbones(list(records), min_backbones=min_backbones)
+    a = Analysis(
+        list(records),
+        min_backbones=min_backbones,
+        bootstrap_resamples=bootstrap_resamples,
+        seed=seed,
+        small_threshold=small_threshold,
+    )
     out = Path(out_dir)
+    header, rows = _rows(a, ci_cells=False)
     paths = {
-        "csv": atomic_write_text(out / "ranking.csv", _csv_text(ranking)),
-        "md": atomic_write_text(out / "ranking.md", _markdown(ranking)),
-        "png": atomic_write_bytes(out / "ranking.png", _png_bytes(ranking)),
+        "csv": atomic_write_text(out / "ranking.csv", _csv(header, rows)),
+        "md": atomic_write_text(out / "ranking.md", _markdown(a)),
+        "png": atomic_write_bytes(out / "ranking.png", _png_bytes(a)),
         "json": atomic_write_text(
-            out / "ranking.json", json.dumps(_to_jsonable(ranking.as_dict()), indent=2, sort_keys=True) + "\n"
+            out / "ranking.json", json.dumps(_to_jsonable(a.as_dict()), indent=2, sort_keys=True) + "\n"
         ),
     }
+    if a.correlations is not None:
+        c = a.correlations
+        corr_rows = [
+            [t, u, _fmt(float(c.rho[i, j]), ".6g"), str(c.n[i, j])]
+            for i, t in enumerate(c.tasks)
+            for j, u in enumerate(c.tasks)
+        ]
+        paths["correlations_csv"] = atomic_write_text(
+            out / "correlations.csv", _csv(["task_a", "task_b", "spearman_rho", "num_backbones"], corr_rows)
+        )
+        paths["correlations_md"] = atomic_write_text(
+            out / "correlations.md",
+            "\n".join(["# Cross-task Spearman correlation", "", *_correlation_md(c)]) + "\n",
+        )
+        paths["correlations_png"] = atomic_write_bytes(out / "correlations.png", _correlation_png(c))
+    if any(b in a.params for b in a.scored):
+        small_rows = [
+            [str(i), b, str(a.params[b]), _fmt(a.ranking.overall_z[b], ".6g")]
+            for i, b in enumerate(a.small, start=1)
+        ]
+        paths["small_csv"] = atomic_write_text(
+            out / "small_backbones.csv", _csv(["rank", "backbone", "num_params", "overall_z"], small_rows)
+        )
+        paths["params_png"] = atomic_write_bytes(out / "params.png", _params_png(a))
+    if a.bootstrap is not None:
+        paths["bootstrap_csv"] = atomic_write_text(out / "bootstrap.csv", _bootstrap_csv(a))
+    written = {p.name for p in paths.values()}
+    for name in _OPTIONAL_FILES:
+        if name not in written:
+            (out / name).unlink(missing_ok=True)
     if console is not None:
-        print_ranking(ranking, console)
+        print_ranking(a, console)
     return paths
 
 
@@ -254,11 +653,26 @@ def _parser():
     from absl.flags import argparse_flags
 
     p = argparse_flags.ArgumentParser(prog="python -m bob_jax.report", description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", required=True, help="work directory holding results/<key>.json records")
-    p.add_argument("--out", default=None, help="output directory (default: <workdir>/report)")
+    p.add_argument(
+        "--workdir",
+        action="append", default=[],
+        help="work directory holding results/<key>.json (repeatable)",
+    )
+    p.add_argument(
+        "--pool",
+        action="append", default=[],
+        help="pool file of external results, CSV or JSON lines (repeatable)",
+    )
+    p.add_argument("--out", default=None, help="output directory (default: <first workdir>/report)")
     p.add_argument(
         "--min_backbones", type=int, default=3, help="smallest pool that gets z-scored (default 3)"
     )
+    p.add_argument(
+        "--bootstrap",
+        type=int, default=1000,
+        help="bootstrap resamples for the intervals (0: off; default 1000)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     return p
 
 
@@ -266,22 +680,52 @@ def _run(args) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    # soft_wrap: paths are printed whole; 240 columns when logging to a file so tables are not folded.
-    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+    console = _console()
     errors = Console(stderr=True, soft_wrap=True)
-    store = ResultsStore(args.workdir)
-    if not store.root.is_dir():
-        errors.print(
-            f"[red]error:[/red] {escape(str(store.root))} does not exist; is --workdir the job's work "
-            "directory?"
+    if not args.workdir and not args.pool:
+        errors.print("[red]error:[/red] give at least one --workdir or --pool.")
+        return 1
+    records: list[dict[str, Any]] = []
+    for wd in args.workdir:
+        store = ResultsStore(wd)
+        if not store.root.is_dir():
+            errors.print(
+                f"[red]error:[/red] {escape(str(store.root))} does not exist; is --workdir the job's work "
+                "directory?"
+            )
+            return 1
+        found = store.records()
+        if not found:
+            errors.print(f"[red]error:[/red] no readable result records in {escape(str(store.root))}.")
+            return 1
+        for r in found:
+            r.setdefault("source", f"workdir {store.workdir}")
+        records += found
+    for pool in args.pool:
+        try:
+            records += load_pool(pool)
+        except (OSError, ValueError) as e:
+            errors.print(f"[red]error:[/red] {escape(str(e))}")
+            return 1
+    if args.out:
+        out = Path(args.out)
+    elif args.workdir:
+        out = ResultsStore(args.workdir[0]).workdir / "report"
+    else:
+        errors.print("[red]error:[/red] with only --pool files, give --out for the report directory.")
+        return 1
+    try:
+        paths = write_report(
+            records,
+            out,
+            min_backbones=args.min_backbones,
+            console=console,
+            bootstrap_resamples=args.bootstrap,
+            seed=args.seed,
         )
+    except ValueError as e:
+        errors.print(f"[red]error:[/red] {escape(str(e))}")
         return 1
-    records = store.records()
-    if not records:
-        errors.print(f"[red]error:[/red] no readable result records in {escape(str(store.root))}.")
-        return 1
-    out = Path(args.out) if args.out else store.workdir / "report"
-    paths = write_report(records, out, min_backbones=args.min_backbones, console=console)
     for kind, path in paths.items():
         console.print(f"wrote {kind}: {path}", markup=False, highlight=False)
     return 0
