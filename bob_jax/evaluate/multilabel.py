@@ -6,8 +6,7 @@ LibAUC, Yuan et al. ICCV 2021):
 - labels (in this order): Cardiomegaly, Edema, Consolidation, Atelectasis, Pleural Effusion
   (`train_cols` of `util/dataloader_med.py:CheXpert`);
 - uncertain (-1) -> 1 for Edema and Atelectasis ("U-Ones"), -> 0 for the other three ("U-Zeros"),
-  blanks (not mentioned) -> 0 (`df[col].replace(-1, ...)`, `fillna(0)`), as in Irvin et al. 2019's best
-  per-label policies;
+  blanks (not mentioned) -> 0 (`df[col].replace(-1, ...)`, `fillna(0)`);
 - metric: per-label ROC AUC of the sigmoid outputs, averaged over the labels (`engine_finetune.py`
   `computeAUROC`). A label whose evaluation targets hold a single class has no AUROC: the original's
   sklearn raised (recent sklearn, 1.9 here, warns and returns NaN), the original caught that, stored 0
@@ -125,7 +124,7 @@ def chexpert_targets_from_csv_rows(
 
 
 def chexpert_targets_from_tfds(label_ids, label_names: Sequence[str] = CHEXPERT_LABELS) -> np.ndarray:
-    """Targets from tfds `chexpert` `label` ids [N, 14] (0 uncertain, 1 positive, 2 negative, 3 unmentioned)."""
+    """Targets from tfds `chexpert` `label` ids [N, 14]: 0 uncertain, 1 positive, 2 negative, 3 blank."""
     ids = np.asarray(label_ids)
     if ids.ndim == 1:
         ids = ids[None]
