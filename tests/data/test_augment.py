@@ -7,6 +7,9 @@ replay our draws, so any difference in algorithm (order of draws, rounding, box 
 
 from __future__ import annotations
 
+import functools
+import types
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -250,3 +253,247 @@ def test_color_jitter_random(crops):
     assert A.ColorJitter(0, 0, 0).jitter(img, np.random.default_rng(0)) is img
     with pytest.raises(ValueError, match="brightness"):
         A.ColorJitter(-0.1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch ops (jax): random erasing, mixup / cutmix
+# --------------------------------------------------------------------------------------------------
+
+
+def _normalised_batch(crops, n=8, size=48):
+    """n normalised NHWC float32 images cut from the photos."""
+    imgs = []
+    for i in range(n):
+        src = crops[i % 2]
+        y, x = (3 * i) % (src.shape[0] - size // 2), (5 * i) % (src.shape[1] - size // 2)
+        tile = np.resize(src[y:, x:], (size, size, 3)).astype(np.float32)
+        imgs.append((tile / 255.0 - np.array(IMAGENET_MEAN)) / 0.225)
+    return np.stack(imgs).astype(np.float32)
+
+
+class _ReplayPyRandom:
+    """Python `random` for timm.data.random_erasing, replaying our uniforms; randint returns our box
+    corner after checking that timm asks for the same range (so h and w agree)."""
+
+    def __init__(self, params, area, log_ratio, height, width):
+        self.p = {k: np.asarray(v) for k, v in params.items()}
+        self.area, self.log_ratio, self.hw = area, log_ratio, (height, width)
+        self.image, self.box, self.attempt, self.corner = -1, 0, 0, []
+
+    def random(self):  # first draw per image: the apply decision
+        self.image += 1
+        self.box, self.attempt = 0, 0
+        return float(self.p["u_apply"][self.image])
+
+    def uniform(self, a, b):
+        i, c, t = self.image, self.box, self.attempt
+        if (a, b) == self.area:
+            return a + (b - a) * float(self.p["u_area"][i, c, t])
+        assert (a, b) == self.log_ratio
+        self.attempt += 1
+        return a + (b - a) * float(self.p["u_ratio"][i, c, t])
+
+    def randint(self, a, b):
+        i, c = self.image, self.box
+        h, w = int(self.p["h"][i, c]), int(self.p["w"][i, c])
+        if not self.corner:
+            assert (a, b) == (0, self.hw[0] - h), "timm chose a different box height"
+            self.corner.append(int(self.p["top"][i, c]))
+            return self.corner[0]
+        assert (a, b) == (0, self.hw[1] - w), "timm chose a different box width"
+        top, left = self.corner[0], int(self.p["left"][i, c])
+        self.corner = []
+        self.last_box = (i, top, left, h, w)
+        self.box += 1
+        self.attempt = 0
+        return left
+
+
+ERASE_SHAPE = (64, 32, 32, 3)
+
+
+@functools.cache
+def _erase_fn():
+    """One compiled random erasing (p 0.25, pixel mode) shared by the tests: compiling dominates."""
+    import jax
+
+    from bob_jax.data import batch_augment as BA
+
+    return jax.jit(lambda k, x: BA.random_erasing(k, x, probability=0.25, return_params=True))
+
+
+@pytest.mark.reference
+def test_random_erasing_matches_timm(reference, crops, monkeypatch):
+    import jax
+    import timm.data.random_erasing as tre
+    import torch
+
+    x = _normalised_batch(crops, n=ERASE_SHAPE[0], size=ERASE_SHAPE[1])
+    b, height, width, _ = x.shape
+    out, params, noise = _erase_fn()(jax.random.key(3), x)
+    out, noise = np.asarray(out), np.asarray(noise)
+
+    timm_re = tre.RandomErasing(0.25, mode="pixel", max_count=1, device="cpu")
+    replay = _ReplayPyRandom(params, (0.02, 1 / 3), timm_re.log_aspect_ratio, height, width)
+    monkeypatch.setattr(tre, "random", replay)
+
+    def get_pixels(per_pixel, rand_color, patch_size, dtype, device):
+        assert per_pixel and tuple(patch_size) == (3, replay.last_box[3], replay.last_box[4])
+        i, top, left, h, w = replay.last_box
+        return torch.from_numpy(noise[i, top : top + h, left : left + w].transpose(2, 0, 1).copy())
+
+    monkeypatch.setattr(tre, "_get_pixels", get_pixels)
+    expected = timm_re(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(out, expected)
+    erased = (out != x).any(axis=(1, 2, 3))
+    assert replay.image == b - 1 and 5 <= erased.sum() <= 30
+    np.testing.assert_array_equal(erased, np.asarray(params["apply"] & params["valid"][:, 0]))
+
+
+def test_random_erasing_statistics():
+    import jax
+
+    from bob_jax.data import batch_augment as BA
+
+    x = np.zeros(ERASE_SHAPE, np.float32) + 5.0  # far from N(0, 1) noise: erased pixels stand out
+    outs = [np.asarray(_erase_fn()(jax.random.key(s), x)[0]) for s in range(8)]
+    out = np.concatenate(outs)
+    assert out.dtype == np.float32
+    erased = out != 5.0
+    per_image = erased.any(-1).mean(axis=(1, 2))
+    frac_erased = (per_image > 0).mean()
+    assert 0.19 < frac_erased < 0.31  # Binomial(512, 0.25): sd 0.019
+    hit = per_image[per_image > 0]
+    # Box areas lie in [0.02, 1/3] of the image up to rounding of the sides; mean area ~ 0.18.
+    assert hit.min() >= 0.01 and hit.max() <= 0.4 and 0.12 < hit.mean() < 0.24
+    noise = out[erased]
+    assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1) < 0.05
+    # Every erased region is one axis-aligned box over all channels.
+    for img in np.flatnonzero(per_image > 0)[:20]:
+        m = erased[img].all(-1)
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        assert m[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all() and m.sum() == len(rows) * len(cols)
+    # Seeded: same key same output; the key changes the outcome.
+    np.testing.assert_array_equal(outs[0], np.asarray(_erase_fn()(jax.random.key(0), x)[0]))
+    assert not np.array_equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="mode"):
+        BA.random_erasing(jax.random.key(0), x, mode="zeros")
+
+
+class _ReplayNpRandom:
+    """np.random for timm.data.mixup: rand() -> our u_mix, u_switch; beta -> our lam_raw;
+    randint(0, H) / randint(0, W) -> our box centre."""
+
+    def __init__(self, params, height, width):
+        p = {k: np.asarray(v) for k, v in params.items()}
+        self.rands = [float(p["u_mix"]), float(p["u_switch"])]
+        self.lam = float(p["lam_raw"])
+        self.ints = [(height, int(p["cy"])), (width, int(p["cx"]))]
+
+    def rand(self):
+        return self.rands.pop(0)
+
+    def beta(self, a, b):
+        return self.lam
+
+    def randint(self, low, high, size=None):
+        expected_high, value = self.ints.pop(0)
+        assert (low, high, size) == (0, expected_high, None)
+        return np.int64(value)
+
+
+MIX = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.9, switch_prob=0.5)
+MIX_SIDE = 37  # odd side: exercises the (cut + 1) // 2 box edge
+
+
+@functools.cache
+def _mix_fn():
+    import jax
+
+    from bob_jax.data import batch_augment as BA
+
+    return jax.jit(
+        lambda k, x, y: BA.mixup_cutmix(k, x, y, 10, label_smoothing=0.1, return_params=True, **MIX)
+    )
+
+
+@pytest.mark.reference
+def test_mixup_cutmix_matches_timm(reference, crops, monkeypatch):
+    import jax
+    import timm.data.mixup as tmix
+    import torch
+
+    x = _normalised_batch(crops, n=6, size=MIX_SIDE)
+    labels = np.array([0, 3, 9, 3, 1, 7], np.int32)
+    kinds = set()
+    for seed in range(10):
+        out, target, params = _mix_fn()(jax.random.key(seed), x, labels)
+        monkeypatch.setattr(tmix, "np", _NumpyWithRandom(_ReplayNpRandom(params, MIX_SIDE, MIX_SIDE)))
+        timm_mix = tmix.Mixup(num_classes=10, label_smoothing=0.1, mode="batch", correct_lam=True, **MIX)
+        xt, tt = timm_mix(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(labels).long())
+        np.testing.assert_allclose(np.asarray(out), xt.numpy().transpose(0, 2, 3, 1), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(target), tt.numpy(), rtol=0, atol=1e-6)
+        lam, use_cutmix = float(params["lam"]), bool(params["use_cutmix"])
+        kinds.add("none" if lam == 1 else "cutmix" if use_cutmix else "mixup")
+    assert {"mixup", "cutmix"} <= kinds
+
+
+def test_mixup_target_and_statistics(crops):
+    import jax
+
+    from bob_jax.data import batch_augment as BA
+
+    t = np.asarray(BA.mixup_target(np.array([2, 0]), 4, 0.7, 0.1))
+    y = np.full((2, 4), 0.025)
+    y[0, 2] = y[1, 0] = 0.925
+    np.testing.assert_allclose(t, 0.7 * y + 0.3 * y[::-1], atol=1e-7)
+    x = _normalised_batch(crops, n=6, size=MIX_SIDE)
+    labels = np.arange(6)
+    smooth = np.eye(10)[labels] * 0.9 + 0.01
+    draws = []
+    for seed in range(400):
+        out, target, params = _mix_fn()(jax.random.key(seed), x, labels)
+        p = {k: float(v) for k, v in params.items()}
+        draws.append(p)
+        np.testing.assert_allclose(np.asarray(target).sum(1), 1.0, atol=1e-6)
+        if p["u_mix"] >= MIX["prob"]:  # not mixing: batch unchanged, plain smoothed targets
+            assert p["lam"] == 1.0
+            np.testing.assert_array_equal(np.asarray(out), x)
+            np.testing.assert_allclose(np.asarray(target), smooth, atol=1e-7)
+    p = {k: np.array([d[k] for d in draws]) for k in draws[0]}
+    mixing = p["u_mix"] < MIX["prob"]
+    assert 0.85 < mixing.mean() < 0.95
+    cut = p["use_cutmix"].astype(bool)
+    assert not cut[~mixing].any() and 0.4 < cut[mixing].mean() < 0.6
+    # Beta(0.8, 0.8) and Beta(1, 1) both have mean 0.5 (sd ~0.3: 3 sd of a 180-draw mean ~ 0.07).
+    mix = mixing & ~cut
+    assert abs(p["lam"][mix].mean() - 0.5) < 0.07 and abs(p["lam_raw"][cut].mean() - 0.5) < 0.07
+    np.testing.assert_array_equal(p["lam"][mix], p["lam_raw"][mix])
+    area = (p["yh"] - p["yl"]) * (p["xh"] - p["xl"])
+    np.testing.assert_allclose(p["lam"][cut], 1 - area[cut] / MIX_SIDE**2, atol=1e-6)
+    # The corrected lam is never below the raw one: boxes shrink by flooring and by clipping at edges.
+    assert (p["lam"][cut] >= p["lam_raw"][cut] - 1e-6).all()
+    with pytest.raises(ValueError, match="even batch"):
+        BA.mixup_cutmix(jax.random.key(1), x[:3], labels[:3], 10)
+
+
+@pytest.mark.reference
+def test_cutmix_box_matches_timm_rand_bbox(reference, monkeypatch):
+    """Current timm's rand_bbox, and timm 0.6.12's (cy + cut // 2 edges) via `legacy=True`."""
+    import timm.data.mixup as tmix
+
+    from bob_jax.data import batch_augment as BA
+
+    cases = ((0.3, 10, 30, 37, 41), (0.71, 0, 40, 37, 41), (0.05, 36, 3, 37, 41), (0.5, 12, 12, 24, 24))
+    for lam, cy, cx, h, w in cases:
+        ints = [cy, cx]
+        fake = types.SimpleNamespace(randint=lambda lo, hi, size=None: ints.pop(0))
+        monkeypatch.setattr(tmix, "np", _NumpyWithRandom(fake))
+        expected = tmix.rand_bbox((3, h, w), lam)
+        ours = [int(v) for v in BA.cutmix_box(lam, cy, cx, h, w)]
+        assert ours == [int(v) for v in expected], (lam, cy, cx)
+        cut_h, cut_w = int(h * np.sqrt(1 - lam)), int(w * np.sqrt(1 - lam))
+        legacy = [int(v) for v in BA.cutmix_box(lam, cy, cx, h, w, legacy=True)]
+        assert legacy == [
+            max(0, cy - cut_h // 2), min(h, cy + cut_h // 2), max(0, cx - cut_w // 2), min(w, cx + cut_w // 2)
+        ]
