@@ -25,7 +25,8 @@ import traceback
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bob_jax.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="", help="comma-separated bob_jax backbone names (arch.tag)")
+    p.add_argument("--models", default="",
+                   help="comma-separated bob_jax backbone names (arch.tag); name@SIZE overrides --size")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -35,7 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="calls per timed repetition (default: 10 on accelerators, 1 on CPU)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--train", action="store_true", help="also time a training step (fwd + CE bwd + AdamW)")
+    p.add_argument("--forward", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the forward pass (--no-forward with --train: training step only)")
     p.add_argument("--compare-timm", action="store_true", help="time timm in the same process and device")
+    p.add_argument("--timm-eager", action=argparse.BooleanOptionalAction, default=True,
+                   help="time timm eager (--no-timm-eager --torch-compile: a compile-only second pass)")
     p.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile (default: on with CUDA, off on CPU)")
     p.add_argument("--data", action="store_true", help="data-pipeline benchmark")
@@ -55,8 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{k} must be positive, got {getattr(args, k)}")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if not args.forward and not args.train:
+        p.error("--no-forward needs --train (nothing would be timed)")
     if not (args.models or args.data or args.convert):
         p.error("nothing to do: give --models and/or --data / --convert")
+    for spec in args.models.split(","):
+        size = spec.partition("@")[2].strip()
+        if size and not (size.isdigit() and int(size) > 0):
+            p.error(f"--models entry {spec!r}: the size after '@' must be a positive integer")
     try:
         args.data_workers = [int(w) for w in args.data_workers.split(",") if w.strip()]
     except ValueError:
@@ -89,11 +100,19 @@ def main(argv=None) -> dict:
     }
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     failures = 0
-    for name in models:
-        row = _bench_model(name, args, iters)
+    for spec in models:
+        name, _, size = spec.partition("@")
+        row = {"model": name, "batch": args.batch, "size": int(size) if size else args.size, "dtype": args.dtype,
+               "train": args.train}
+        row = _merge_row(result["models"], row)
+
+        def save(row=row):
+            rep.add_ratios(row)
+            rep.write(workdir, result)  # after every stage: a cut-off run keeps what finished
+
+        _bench_model(row, args, iters, save)
         failures += "error" in row
-        result["models"].append(rep.add_ratios(row))
-        rep.write(workdir, result)  # after every model: a cut-off run keeps what finished
+        save()
     if models:
         rep.print_table(result["models"])
         if args.train:
@@ -117,18 +136,33 @@ def main(argv=None) -> dict:
     return result
 
 
-def _bench_model(name: str, args, iters: int) -> dict:
+def _merge_row(rows: list[dict], row: dict) -> dict:
+    """The row of an earlier (--append) run with the same model/batch/size/dtype/train, or a new one:
+    a second pass (e.g. torch.compile only) then completes the first pass's row."""
+    key = ("model", "batch", "size", "dtype", "train")
+    for old in rows:
+        if all(old.get(k) == row[k] for k in key):
+            old.pop("error", None)
+            return old
+    rows.append(row)
+    return row
+
+
+def _bench_model(row: dict, args, iters: int, save) -> None:
+    """Fill `row` stage by stage (JAX, timm eager, torch.compile), calling `save()` after each."""
     from bob_jax.bench import models
 
-    common = dict(batch=args.batch, size=args.size, dtype=args.dtype, warmup=args.warmup,
+    common = dict(batch=args.batch, size=row["size"], dtype=args.dtype, warmup=args.warmup,
                   repeats=args.repeats, iters=iters)
     t0 = time.perf_counter()
     try:
-        row = models.run_model(name, train=args.train, num_classes=args.num_classes, **common)
+        row.update(models.run_model(row["model"], train=args.train, forward=args.forward,
+                                    num_classes=args.num_classes, **common))
     except Exception as e:  # one broken model must not lose the others' rows
         traceback.print_exc()
-        return {"model": name, "batch": args.batch, "size": args.size, "dtype": args.dtype,
-                "error": f"{type(e).__name__}: {e}"}
+        row["error"] = f"{type(e).__name__}: {e}"
+        return
+    save()
     if args.compare_timm:
         from bob_jax.bench import timm_ref
 
@@ -137,14 +171,19 @@ def _bench_model(name: str, args, iters: int) -> dict:
             import torch
 
             compile_ = torch.cuda.is_available()
-        try:
-            row.update(timm_ref.run_timm(name, family=models.family_name(name), train=args.train,
-                                         compile_=compile_, num_classes=args.num_classes, **common))
-        except Exception as e:
-            traceback.print_exc()
-            row["timm_error"] = f"{type(e).__name__}: {e}"
+        stages = ([False] if args.timm_eager else []) + ([True] if compile_ else [])
+        for with_compile in stages:
+            try:
+                row.update(timm_ref.run_timm(row["model"], family=models.family_name(row["model"]),
+                                             train=args.train, compile_=with_compile,
+                                             eager=not with_compile, forward_=args.forward,
+                                             num_classes=args.num_classes, **common))
+            except Exception as e:
+                traceback.print_exc()
+                row["timm_error"] = f"{type(e).__name__}: {e}"
+                break
+            save()
     row["wall_s"] = time.perf_counter() - t0
-    return row
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ def train_benchmark(model: nnx.Module, *, batch: int, size: int, dtype: str, war
 
 
 def run_model(name: str, *, batch: int, size: int, dtype: str, warmup: int, repeats: int, iters: int,
-              train: bool, num_classes: int = 1000) -> dict[str, Any]:
+              train: bool, forward: bool = True, num_classes: int = 1000) -> dict[str, Any]:
     """One result row for `name` (JAX side only); the timm columns are filled by `timm_ref`."""
     t0 = time.perf_counter()
     model = build(name, size, dtype, num_classes)
@@ -168,10 +168,11 @@ def run_model(name: str, *, batch: int, size: int, dtype: str, warmup: int, repe
         "build_s": build_s, "device": jax.devices()[0].device_kind,
         "gflops_per_img": model_gflops(name, size, arch_kwargs_for(name, size, num_classes)),
     }
-    fwd = forward_benchmark(model, batch=batch, size=size, dtype=dtype, warmup=warmup, repeats=repeats,
-                            iters=iters)
-    row.update(jax_img_s=fwd.img_per_s, compile_s=fwd.compile_s, xla_gflops_per_img=fwd.xla_gflops_per_img,
-               jax_times_s=fwd.times_s)
+    if forward:
+        fwd = forward_benchmark(model, batch=batch, size=size, dtype=dtype, warmup=warmup, repeats=repeats,
+                                iters=iters)
+        row.update(jax_img_s=fwd.img_per_s, compile_s=fwd.compile_s, xla_gflops_per_img=fwd.xla_gflops_per_img,
+                   jax_times_s=fwd.times_s)
     if train:
         tr = train_benchmark(model, batch=batch, size=size, dtype=dtype, warmup=warmup, repeats=repeats,
                              iters=iters, num_classes=num_classes)
@@ -180,7 +181,8 @@ def run_model(name: str, *, batch: int, size: int, dtype: str, warmup: int, repe
     peak = device_peak_tflops(dtype)
     row["peak_tflops"] = peak
     if peak and row["gflops_per_img"]:
-        row["mfu"] = row["jax_img_s"] * row["gflops_per_img"] / (peak * 1e3)
+        if forward:
+            row["mfu"] = row["jax_img_s"] * row["gflops_per_img"] / (peak * 1e3)
         if train:
             row["train_mfu"] = row["jax_train_img_s"] * 3 * row["gflops_per_img"] / (peak * 1e3)
     row["memory_bytes"], row["memory_kind"] = peak_memory()

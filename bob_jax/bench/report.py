@@ -29,6 +29,7 @@ COLUMNS = [
     ("xla_gflops_per_img", "XLA GFLOPs/img", "{:.2f}"),
     ("mfu", "MFU", "{:.1%}"),
     ("memory_gb", "memory GB", "{:.2f}"),
+    ("timm_memory_gb", "timm memory GB", "{:.2f}"),
 ]
 TRAIN_COLUMNS = [
     ("model", "model", "{}"),
@@ -51,8 +52,9 @@ def add_ratios(row: dict[str, Any]) -> dict[str, Any]:
         best = max((row[k] for k in keys if row.get(k)), default=None)
         if best and row.get(jax_key):
             row[f"{prefix}ratio_vs_best_torch"] = row[jax_key] / best
-    if row.get("memory_bytes"):
-        row["memory_gb"] = row["memory_bytes"] / 1e9
+    for src, dst in (("memory_bytes", "memory_gb"), ("timm_memory_bytes", "timm_memory_gb")):
+        if row.get(src):
+            row[dst] = row[src] / 1e9
     return row
 
 
@@ -119,7 +121,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         if any(r.get("jax_train_img_s") for r in rows):
             parts += ["## training step", "", markdown_table(rows, TRAIN_COLUMNS), ""]
         parts += ["GFLOPs/img: analytic 2 x MACs of convs/linears/attention matmuls (timm/fvcore convention); "
-                  "XLA GFLOPs/img: the compiled program's cost analysis (includes elementwise work). "
+                  "XLA GFLOPs/img: the compiled program's cost analysis (adds elementwise work, leaves out "
+                  "multiplications with conv zero padding). MFU: analytic FLOPs x img/s / dense peak. "
                   "Memory: " + ", ".join(sorted({r.get('memory_kind', '?') for r in rows})) + ".", ""]
     if report.get("data"):
         d = report["data"]

@@ -79,8 +79,12 @@ def _peak_memory(device) -> float | None:
 
 
 def run_timm(name: str, *, family: str, batch: int, size: int, dtype: str, warmup: int, repeats: int,
-             iters: int, train: bool, compile_: bool, num_classes: int = 1000) -> dict[str, Any]:
-    """timm eager (and torch.compile) throughput; keys prefixed `timm_`."""
+             iters: int, train: bool, compile_: bool, eager: bool = True, forward_: bool = True,
+             num_classes: int = 1000
+             ) -> dict[str, Any]:
+    """timm eager and/or torch.compile throughput (forward, and the train step with `train`); keys
+    prefixed `timm_`. The main program runs eager and compile as separate calls so that a run cut off
+    during a long torch.compile still has the eager numbers saved."""
     import torch
 
     device = _device()
@@ -99,9 +103,10 @@ def run_timm(name: str, *, family: str, batch: int, size: int, dtype: str, warmu
                 return m(x)
         return fn
 
-    times = _time(forward(model), device, warmup=warmup, repeats=repeats, iters=iters)
-    row["timm_eager_img_s"] = batch * iters / statistics.median(times)
-    if compile_:
+    if eager and forward_:
+        times = _time(forward(model), device, warmup=warmup, repeats=repeats, iters=iters)
+        row["timm_eager_img_s"] = batch * iters / statistics.median(times)
+    if compile_ and forward_:
         compiled = torch.compile(model)
         t0 = time.perf_counter()
         forward(compiled)()
@@ -111,19 +116,20 @@ def run_timm(name: str, *, family: str, batch: int, size: int, dtype: str, warmu
         row["timm_compile_img_s"] = batch * iters / statistics.median(times)
     if train:
         row.update(_train(model, x, device, dtype=dtype, warmup=warmup, repeats=repeats, iters=iters,
-                          compile_=compile_, num_classes=num_classes))
-    row["timm_memory_bytes"] = _peak_memory(device)
+                          eager=eager, compile_=compile_, num_classes=num_classes))
+    if device.type == "cuda":
+        row["timm_compile_memory_bytes" if compile_ else "timm_memory_bytes"] = _peak_memory(device)
     return row
 
 
-def _train(model, x, device, *, dtype, warmup, repeats, iters, compile_, num_classes) -> dict[str, Any]:
+def _train(model, x, device, *, dtype, warmup, repeats, iters, eager, compile_, num_classes) -> dict[str, Any]:
     """forward + cross-entropy backward + AdamW (fused on CUDA), as the JAX train step."""
     import torch
 
     model.train()
     y = torch.arange(x.shape[0], device=device) % num_classes
     out = {}
-    variants = [("eager", model)] + ([("compile", torch.compile(model))] if compile_ else [])
+    variants = ([("eager", model)] if eager else []) + ([("compile", torch.compile(model))] if compile_ else [])
     for label, m in variants:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
                                 fused=device.type == "cuda")
