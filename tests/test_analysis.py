@@ -342,3 +342,17 @@ def test_bootstrap_drops_undefined_examples_and_lenient_mode():
     assert len(lenient.notes) == 1 and "a-d" in lenient.notes[0]
     assert "a" not in lenient.value["cls/d/test/linear:acc"] and "a" not in lenient.overall_z
     assert "b" in lenient.overall_z
+
+
+def test_bootstrap_continuous_values_match_standard_error():
+    """Many distinct values (per-query AP) take the index-resampling path; its spread is the standard error."""
+    rng = np.random.default_rng(5)
+    x = rng.random(300)
+    means = analysis._resampled_means(x, 2000, np.random.default_rng(0))
+    assert np.unique(x).size > 64
+    assert means.mean() == pytest.approx(x.mean(), abs=3e-3)
+    assert means.std() == pytest.approx(x.std() / np.sqrt(x.size), rel=0.1)
+    # the multinomial path for few distinct values has the same spread
+    y = (x > 0.5).astype(float)
+    fast = analysis._resampled_means(y, 2000, np.random.default_rng(0))
+    assert fast.std() == pytest.approx(y.std() / np.sqrt(y.size), rel=0.1)
