@@ -176,15 +176,25 @@ def _convert_family(
     *,
     source: str,
     drop_head: bool,
+    seed: int = 0,
 ) -> nnx.Module:
+    """Convert onto the family's model; with `drop_head` the checkpoint's classifier is ignored and
+    the model's own head (if it has one, e.g. for new target classes) is re-initialised with the
+    family's random-init rules, as timm does when `num_classes` changes."""
     cfg = family.config(arch, arch_kwargs)
     model = _abstract_from_config(family, cfg)
     state_dict = family.to_timm_layout(state_dict)
     if family.adapt is not None:
         state_dict = family.adapt(state_dict, cfg)
+    targets = abstract_leaves(model)
+    head = {}
     if drop_head:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(family.head_prefixes)}
-    leaves = apply_rules(state_dict, family.timm_rules, abstract_leaves(model), source=source)
+        head = {p: t for p, t in targets.items() if p.startswith(family.head_prefixes)}
+        targets = {p: t for p, t in targets.items() if p not in head}
+    leaves = apply_rules(state_dict, family.timm_rules, targets, source=source)
+    if head:
+        leaves.update(init_from_rules(head, family.init_rules(cfg), seed))
     return load_leaves(model, leaves)
 
 
@@ -255,7 +265,7 @@ def _create(name, *, weights, seed, weights_key, **arch_kwargs) -> nnx.Module:
             raise ConversionError(f"{path}: SHA-256 {sha[:12]}... does not match the expected prefix "
                                   f"{entry.weights.sha256_prefix} (corrupt or replaced file)")
     model = _convert_family(
-        family, arch, state_dict, arch_kwargs, source=str(path),
+        family, arch, state_dict, arch_kwargs, source=str(path), seed=seed,
         # timm semantics: a head of another size, or none at all, leaves the checkpoint's head unused.
         drop_head=arch_kwargs["num_classes"] == 0 or arch_kwargs["num_classes"] != entry.num_classes,
     )

@@ -128,3 +128,13 @@ def test_ssl_release_files_load_after_prefix_stripping(tmp_path, reference):
         out = backbones.forward(model, x)
         assert "logits" not in out
         assert_parity(out["pooled"], want)
+
+
+def test_new_head_is_reinitialised_and_trunk_kept():
+    """Pretrained weights with another num_classes: the trunk is the checkpoint's, the head is new."""
+    pre = backbones.create("tf_efficientnet_lite0.offline", weights="pretrained")
+    ten = backbones.create("tf_efficientnet_lite0.offline", weights="pretrained", num_classes=10, seed=1)
+    assert ten.classifier.kernel[...].shape == (1280, 10)
+    assert np.all(np.asarray(ten.classifier.bias[...]) == 0)  # timm's goog init: zero bias
+    assert 0 < np.abs(np.asarray(ten.classifier.kernel[...])).max() <= 1 / np.sqrt(10)
+    np.testing.assert_array_equal(np.asarray(ten.conv_head.kernel[...]), np.asarray(pre.conv_head.kernel[...]))
