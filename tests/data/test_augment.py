@@ -214,26 +214,44 @@ def test_rand_augment_config_parsing():
 # --------------------------------------------------------------------------------------------------
 
 
-def _tv_adjust(img: Image.Image, which: int, factor: float) -> Image.Image:
-    """torchvision.transforms._functional_pil adjust_brightness / contrast / saturation (torchvision is
-    not installed here; these are its PIL bodies: one ImageEnhance call each)."""
-    from PIL import ImageEnhance
+@pytest.mark.reference
+def test_color_jitter_fixed_factors(reference, crops):
+    """Against torchvision's functional adjust_brightness / contrast / saturation on PIL images."""
+    import torchvision.transforms.functional as TF
 
-    return (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[which](img).enhance(factor)
-
-
-def test_color_jitter_fixed_factors(crops):
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
     for img in crops:
         cases = (((0.6, 1.4, 0.9), (0, 1, 2)), ((1.3, 0.7, 1.4), (2, 0, 1)), ((1.0, 1.0, 0.6), (1, 2, 0)))
         for factors, order in cases:
             expected = Image.fromarray(img)
             for i in order:
-                expected = _tv_adjust(expected, i, factors[i])
+                expected = adjust[i](expected, factors[i])
             np.testing.assert_array_equal(A.color_jitter(img, *factors, order=order), np.asarray(expected))
         # Order matters (contrast uses the mean of the current image), so the op order is part of the draw.
         a = A.color_jitter(img, 1.4, 0.6, 1.0, order=(0, 1, 2))
         b = A.color_jitter(img, 1.4, 0.6, 1.0, order=(1, 0, 2))
         assert not np.array_equal(a, b)
+
+
+@pytest.mark.reference
+def test_color_jitter_matches_torchvision(reference, crops, monkeypatch):
+    """torchvision `ColorJitter(0.4, 0.4, 0.4)` (as timm builds it), its parameter draw replaced by ours."""
+    import torch
+    from torchvision import transforms as tvt
+
+    tv = tvt.ColorJitter(0.4, 0.4, 0.4)
+    cj = A.ColorJitter(0.4, 0.4, 0.4)
+    assert tv.hue is None and cj.ranges == (tuple(tv.brightness), tuple(tv.contrast), tuple(tv.saturation))
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        order = [int(i) for i in rng.permutation(3)]
+        f = [float(rng.uniform(0.6, 1.4)) for _ in range(3)]
+        fn_idx = torch.tensor(order[:1] + [3] + order[1:])  # hue (3) is drawn too but disabled
+        monkeypatch.setattr(tvt.ColorJitter, "get_params", staticmethod(lambda *_: (fn_idx, *f, None)))
+        img = crops[seed % 2]
+        np.testing.assert_array_equal(
+            cj.jitter(img, np.random.default_rng(seed)), np.asarray(tv(Image.fromarray(img)))
+        )
 
 
 def test_color_jitter_random(crops):
@@ -497,3 +515,121 @@ def test_cutmix_box_matches_timm_rand_bbox(reference, monkeypatch):
         assert legacy == [
             max(0, cy - cut_h // 2), min(h, cy + cut_h // 2), max(0, cx - cut_w // 2), min(w, cx + cut_w // 2)
         ]
+
+
+# --------------------------------------------------------------------------------------------------
+# FinetuneTrainTransform
+# --------------------------------------------------------------------------------------------------
+
+PP32 = Preprocess(input_size=32, crop_pct=0.875, interpolation="bicubic", mean=(0.5, 0.5, 0.5))
+
+
+def test_finetune_transform_chain(crops):
+    from bob_jax.data import transforms as T
+
+    tf = A.FinetuneTrainTransform(PP32)
+    # RandAugment on: colour jitter off (timm), hparams from the backbone's size and mean.
+    assert tf.color_jitter is None and tf.rand_augment is not None
+    assert tf.rand_augment.hparams == {"translate_const": 14, "img_mean": (128, 128, 128)}
+    assert tf.rand_augment.resample is None  # 'random': bilinear or bicubic per op
+    for seed in range(6):
+        img = crops[seed % 2]
+        out = tf.random_map({"image": img, "label": np.int32(1)}, np.random.default_rng(seed))
+        # The same chain by hand, drawing from the same generator in timm's order.
+        rng = np.random.default_rng(seed)
+        top, left, h, w = T.rrc_params(img.shape[0], img.shape[1], rng, (0.08, 1.0), (3 / 4, 4 / 3))
+        interp = ("bilinear", "bicubic")[int(rng.integers(0, 2))]
+        ref = T.resized_crop(img, top, left, h, w, 32, interp)
+        if rng.random() < 0.5:
+            ref = ref[:, ::-1]
+        ref = tf.rand_augment.augment(np.ascontiguousarray(ref), rng)
+        assert out["label"] == 1 and out["image"].dtype == np.uint8 and out["image"].shape == (32, 32, 3)
+        np.testing.assert_array_equal(out["image"], ref)
+    # No auto-augment: colour jitter 0.4 instead; a fixed interpolation reaches RandAugment's hparams.
+    tf = A.FinetuneTrainTransform(PP32, auto_augment=None)
+    assert tf.rand_augment is None and tf.color_jitter.ranges == ((0.6, 1.4),) * 3
+    tf = A.FinetuneTrainTransform(PP32, interpolation=None)
+    assert tf.interpolation == "bicubic" and tf.rand_augment.resample == Image.BICUBIC
+    # Grey input goes through ToRGB first.
+    grey = np.ascontiguousarray(crops[0][..., 0])
+    assert tf.transform(grey, np.random.default_rng(0)).shape == (32, 32, 3)
+    with pytest.raises(ValueError, match="interpolation"):
+        A.FinetuneTrainTransform(PP32, interpolation="lanczos")
+    with pytest.raises(ValueError, match="hflip"):
+        A.FinetuneTrainTransform(PP32, hflip=1.5)
+
+
+def test_finetune_transform_in_pipeline(crops):
+    from bob_jax.data import pipelines as P
+
+    source = [{"image": crops[i % 2][i : i + 48, 2 * i : 2 * i + 40], "label": i} for i in range(10)]
+    tf = A.FinetuneTrainTransform(PP32)
+
+    def take(ds, n):
+        it = iter(ds)
+        return [next(it) for _ in range(n)], it
+
+    first, it = take(P.train_dataset(source, tf, 4, seed=1, num_threads=1), 3)
+    for b in first:
+        assert b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == np.uint8
+        assert b["label"].dtype == np.int32 and (b["label"] == b["index"]).all()
+    again, _ = take(P.train_dataset(source, tf, 4, seed=1, num_threads=1), 3)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    other, _ = take(P.train_dataset(source, tf, 4, seed=2, num_threads=1), 3)
+    assert not all(np.array_equal(a["image"], b["image"]) for a, b in zip(first, other, strict=True))
+    # Exact resume from a stored iterator state.
+    state = it.get_state()
+    nxt = next(it)
+    resumed = iter(P.train_dataset(source, tf, 4, seed=1, num_threads=1))
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["image"], nxt["image"])
+
+
+class _ReplayTimmTransforms:
+    """Python `random` for timm.data.transforms (RandomResizedCropAndInterpolation)."""
+
+    def __init__(self, rng):
+        self.rng = rng
+
+    def uniform(self, a, b):
+        return float(self.rng.uniform(a, b))
+
+    def randint(self, a, b):
+        return int(self.rng.integers(a, b + 1))
+
+    def choice(self, seq):
+        return seq[int(self.rng.integers(0, len(seq)))]
+
+
+@pytest.mark.reference
+def test_finetune_transform_matches_timm(reference, crops, monkeypatch, old_pillow_posterize):
+    """timm's own `transforms_imagenet_train(..., auto_augment='rand-m9-mstd0.5-inc1', color_jitter=0.4,
+    interpolation='random')` PIL stages, every random source replaying one generator."""
+    import timm.data.auto_augment as taa
+    import timm.data.transforms as ttr
+    import torchvision.transforms.functional as TF
+    from timm.data.transforms_factory import transforms_imagenet_train
+
+    primary, secondary, _ = transforms_imagenet_train(
+        32, scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1",
+        interpolation="random", mean=PP32.mean, std=PP32.std, separate=True,
+    )  # fmt: skip
+    rrc, flip = primary.transforms
+    (timm_ra,) = secondary.transforms  # no ColorJitter next to RandAugment
+    expected_hp = {"translate_const": 14, "img_mean": (128, 128, 128), "magnitude_std": 0.5}
+    assert timm_ra.ops[0].hparams == expected_hp
+    tf = A.FinetuneTrainTransform(PP32)
+    for seed in range(16):
+        img = crops[seed % 2]
+        rng = np.random.default_rng(seed)
+        replay = _ReplayRandom(rng)
+        monkeypatch.setattr(ttr, "random", _ReplayTimmTransforms(rng))
+        monkeypatch.setattr(taa, "random", replay)
+        monkeypatch.setattr(taa, "np", _NumpyWithRandom(replay))
+        expected = rrc(Image.fromarray(img))
+        if rng.random() < flip.p:  # torchvision's flip draws torch.rand(1) < p
+            expected = TF.hflip(expected)
+        expected = np.asarray(timm_ra(expected))
+        out = tf.transform(img, np.random.default_rng(seed))
+        np.testing.assert_array_equal(out, expected, err_msg=f"seed {seed}")
