@@ -8,6 +8,7 @@ replay our draws, so any difference in algorithm (order of draws, rounding, box 
 from __future__ import annotations
 
 import functools
+import pickle
 import types
 
 import numpy as np
@@ -156,7 +157,8 @@ def test_rand_augment_matches_timm_transform(
         timm_hp["interpolation"] = str_to_pil_interp(timm_hp["interpolation"])
     timm_ra = taa.rand_augment_transform("rand-m9-mstd0.5-inc1", timm_hp)
     ours = A.RandAugment("rand-m9-mstd0.5-inc1", hp)
-    assert [op.name for op in timm_ra.ops] == list(ours.ops)
+    assert [op.name for op in timm_ra.ops] == list(ours.ops) == taa._RAND_INCREASING_TRANSFORMS
+    assert list(A.RAND_OPS) == taa._RAND_TRANSFORMS
     assert (ours.magnitude, ours.magnitude_std, ours.num_layers, ours.prob) == (9, 0.5, 2, 0.5)
     changed = 0
     for seed in range(40):
@@ -398,6 +400,31 @@ def test_random_erasing_statistics():
         BA.random_erasing(jax.random.key(0), x, mode="zeros")
 
 
+def test_apply_random_erasing_boxes_and_modes():
+    """Hand-made params: boxes drawn in order (the later on top), per-box colours ('rand'), skipped
+    images and boxes without a valid try left alone."""
+    from bob_jax.data import batch_augment as BA
+
+    x = np.zeros((3, 6, 7, 2), np.float32)
+    params = {
+        "apply": np.array([True, False, True]),
+        "valid": np.array([[True, True], [True, True], [False, True]]),
+        "top": np.array([[0, 2]] * 3), "left": np.array([[1, 3]] * 3),
+        "h": np.array([[3, 2]] * 3), "w": np.array([[4, 3]] * 3),
+    }  # fmt: skip
+    colours = np.arange(12, dtype=np.float32).reshape(3, 2, 2) + 1  # [B, count, C]
+    out = np.asarray(BA.apply_random_erasing(x, params, colours))
+    ref = x.copy()
+    ref[0, 0:3, 1:5] = colours[0, 0]
+    ref[0, 2:4, 3:6] = colours[0, 1]
+    ref[2, 2:4, 3:6] = colours[2, 1]
+    np.testing.assert_array_equal(out, ref)
+    pixel = np.random.default_rng(0).normal(size=x.shape).astype(np.float32)
+    out = np.asarray(BA.apply_random_erasing(x, params, pixel))
+    np.testing.assert_array_equal(out[0, 0:3, 1:5], pixel[0, 0:3, 1:5])
+    np.testing.assert_array_equal(out[1], x[1])
+
+
 class _ReplayNpRandom:
     """np.random for timm.data.mixup: rand() -> our u_mix, u_switch; beta -> our lam_raw;
     randint(0, H) / randint(0, W) -> our box centre."""
@@ -569,6 +596,12 @@ def test_finetune_transform_in_pipeline(crops):
         it = iter(ds)
         return [next(it) for _ in range(n)], it
 
+    # Picklable, as grain's worker processes need.
+    img = source[0]["image"]
+    np.testing.assert_array_equal(
+        pickle.loads(pickle.dumps(tf)).transform(img, np.random.default_rng(0)),
+        tf.transform(img, np.random.default_rng(0)),
+    )
     first, it = take(P.train_dataset(source, tf, 4, seed=1, num_threads=1), 3)
     for b in first:
         assert b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == np.uint8
