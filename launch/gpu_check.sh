@@ -41,12 +41,14 @@ print('flax', flax.__version__, 'torch', torch.__version__, 'timm', timm.__versi
 cat "$OUTDIR/env.log"
 
 if [ "${GPU_CHECK_PARITY:-1}" != 0 ]; then
-echo "== parity: pytest -m reference tests/models (float32, highest matmul precision)"
-timeout "$(step_timeout 90)" python -m pytest -m reference tests/models -x -q -p no:cacheprovider \
+echo "== parity: pytest -m 'reference and not slow' tests/models (float32, highest matmul precision)"
+timeout -k 5 "$(step_timeout 100)" python -m pytest -m 'reference and not slow' tests/models -x -v -p no:cacheprovider \
   > "$OUTDIR/parity.log" 2>&1
 rc=$?
 tail -5 "$OUTDIR/parity.log"
-echo "parity exit code $rc" | tee -a "$OUTDIR/parity.log"
+echo "parity exit code $rc (124: cut off by the time limit); $(grep -c ' PASSED' "$OUTDIR/parity.log") passed," \
+  "$(grep -c ' FAILED' "$OUTDIR/parity.log") failed, $(grep -c ' SKIPPED' "$OUTDIR/parity.log") skipped" \
+  | tee -a "$OUTDIR/parity.log"
 [ "$rc" -ne 0 ] && status=1
 fi
 
@@ -62,7 +64,7 @@ BENCH=(python -m bob_jax.bench --batch ${GPU_CHECK_BATCH:-256} --dtype bfloat16 
        --compare-timm --append --workdir "$OUTDIR/bench")
 
 echo "== pass 1: JAX + timm eager, all models in one process"
-timeout "$(step_timeout 140)" "${BENCH[@]}" --models "$MODELS" --no-torch-compile > "$OUTDIR/bench_eager.log" 2>&1
+timeout -k 5 "$(step_timeout 135)" "${BENCH[@]}" --models "$MODELS" --no-torch-compile > "$OUTDIR/bench_eager.log" 2>&1
 rc=$?
 [ "$rc" -ne 0 ] && { echo "  exit code $rc (see bench_eager.log)"; status=1; }
 
@@ -70,7 +72,7 @@ echo "== pass 2: torch.compile (and JAX again, same process) while time remains"
 for m in $COMPILE_MODELS; do
   if [ "$(left)" -lt 30 ]; then echo "deadline: no torch.compile for $m"; continue; fi
   echo "-- $m"
-  timeout "$(step_timeout 80)" "${BENCH[@]}" --models "$m" --torch-compile --no-timm-eager \
+  timeout -k 5 "$(step_timeout 80)" "${BENCH[@]}" --models "$m" --torch-compile --no-timm-eager \
     >> "$OUTDIR/bench_compile.log" 2>&1
   rc=$?
   [ "$rc" -ne 0 ] && { echo "  exit code $rc (see bench_compile.log)"; status=1; }

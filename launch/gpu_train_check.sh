@@ -36,7 +36,7 @@ BENCH=(python -m bob_jax.bench --train --no-forward --batch ${GPU_CHECK_BATCH:-1
        --iters 5 --compare-timm --append --workdir "$OUTDIR/bench")
 
 echo "== pass 1: JAX + timm eager training step, all models in one process"
-timeout "$(step_timeout 200)" "${BENCH[@]}" --models "$MODELS" --no-torch-compile > "$OUTDIR/train_eager.log" 2>&1
+timeout -k 5 "$(step_timeout 200)" "${BENCH[@]}" --models "$MODELS" --no-torch-compile > "$OUTDIR/train_eager.log" 2>&1
 rc=$?
 [ "$rc" -ne 0 ] && { echo "  exit code $rc (see train_eager.log)"; status=1; }
 
@@ -44,7 +44,7 @@ echo "== pass 2: torch.compile training while time remains"
 for m in $COMPILE_MODELS; do
   if [ "$(left)" -lt 40 ]; then echo "deadline: no torch.compile for $m"; continue; fi
   echo "-- $m"
-  timeout "$(step_timeout 120)" "${BENCH[@]}" --models "$m" --torch-compile --no-timm-eager \
+  timeout -k 5 "$(step_timeout 120)" "${BENCH[@]}" --models "$m" --torch-compile --no-timm-eager \
     >> "$OUTDIR/train_compile.log" 2>&1
   rc=$?
   [ "$rc" -ne 0 ] && { echo "  exit code $rc (see train_compile.log)"; status=1; }

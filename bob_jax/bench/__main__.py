@@ -113,10 +113,10 @@ def main(argv=None) -> dict:
         _bench_model(row, args, iters, save)
         failures += "error" in row
         save()
-    if models:
+    if any(r.get("jax_img_s") for r in result["models"]):
         rep.print_table(result["models"])
-        if args.train:
-            rep.print_table(result["models"], rep.TRAIN_COLUMNS, title="training step")
+    if any(r.get("jax_train_img_s") for r in result["models"]):
+        rep.print_table(result["models"], rep.TRAIN_COLUMNS, title="training step")
     if args.data:
         from bob_jax.bench.data import run_data
 

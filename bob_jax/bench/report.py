@@ -28,6 +28,7 @@ COLUMNS = [
     ("gflops_per_img", "GFLOPs/img", "{:.2f}"),
     ("xla_gflops_per_img", "XLA GFLOPs/img", "{:.2f}"),
     ("mfu", "MFU", "{:.1%}"),
+    ("mfu_achievable", "MFU @795", "{:.1%}"),
     ("memory_gb", "memory GB", "{:.2f}"),
     ("timm_memory_gb", "timm memory GB", "{:.2f}"),
 ]
@@ -64,7 +65,8 @@ def environment() -> dict[str, Any]:
     import jax
 
     versions = {}
-    for dist in ("jax", "jaxlib", "flax", "optax", "jax-cuda12-plugin", "jax-cuda13-plugin", "torch", "timm",
+    for dist in ("jax", "jaxlib", "flax", "optax", "jax-cuda12-plugin", "jax-cuda13-plugin", "jax-cuda12-pjrt",
+                 "jax-cuda13-pjrt", "torch", "timm",
                  "grain", "numpy", "pillow"):
         try:
             versions[dist] = md.version(dist)
@@ -122,7 +124,9 @@ def to_markdown(report: dict[str, Any]) -> str:
             parts += ["## training step", "", markdown_table(rows, TRAIN_COLUMNS), ""]
         parts += ["GFLOPs/img: analytic 2 x MACs of convs/linears/attention matmuls (timm/fvcore convention); "
                   "XLA GFLOPs/img: the compiled program's cost analysis (adds elementwise work, leaves out "
-                  "multiplications with conv zero padding). MFU: analytic FLOPs x img/s / dense peak. "
+                  "multiplications with conv zero padding). MFU: analytic FLOPs x img/s / dense bf16 "
+                  "peak (H100 989.4 TFLOP/s; MFU @795: the measured large-matmul ceiling); train MFU uses "
+                  "3 x forward FLOPs. "
                   "Memory: " + ", ".join(sorted({r.get('memory_kind', '?') for r in rows})) + ".", ""]
     if report.get("data"):
         d = report["data"]
