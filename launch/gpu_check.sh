@@ -68,11 +68,11 @@ timeout -k 5 "$(step_timeout 135)" "${BENCH[@]}" --models "$MODELS" --no-torch-c
 rc=$?
 [ "$rc" -ne 0 ] && { echo "  exit code $rc (see bench_eager.log)"; status=1; }
 
-echo "== pass 2: torch.compile (and JAX again, same process) while time remains"
+echo "== pass 2: torch.compile, added to the pass-1 rows, while time remains"
 for m in $COMPILE_MODELS; do
   if [ "$(left)" -lt 30 ]; then echo "deadline: no torch.compile for $m"; continue; fi
   echo "-- $m"
-  timeout -k 5 "$(step_timeout 80)" "${BENCH[@]}" --models "$m" --torch-compile --no-timm-eager \
+  timeout -k 5 "$(step_timeout 80)" "${BENCH[@]}" --models "$m" --torch-compile --no-timm-eager --no-jax \
     >> "$OUTDIR/bench_compile.log" 2>&1
   rc=$?
   [ "$rc" -ne 0 ] && { echo "  exit code $rc (see bench_compile.log)"; status=1; }

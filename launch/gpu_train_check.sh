@@ -44,7 +44,7 @@ echo "== pass 2: torch.compile training while time remains"
 for m in $COMPILE_MODELS; do
   if [ "$(left)" -lt 40 ]; then echo "deadline: no torch.compile for $m"; continue; fi
   echo "-- $m"
-  timeout -k 5 "$(step_timeout 120)" "${BENCH[@]}" --models "$m" --torch-compile --no-timm-eager \
+  timeout -k 5 "$(step_timeout 120)" "${BENCH[@]}" --models "$m" --torch-compile --no-timm-eager --no-jax \
     >> "$OUTDIR/train_compile.log" 2>&1
   rc=$?
   [ "$rc" -ne 0 ] && { echo "  exit code $rc (see train_compile.log)"; status=1; }

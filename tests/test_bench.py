@@ -111,6 +111,11 @@ def test_compare_timm_eager(tmp_path, reference):
     (tmp_path / "bench.json").write_text(json.dumps(report))
     report = _check_report(tmp_path, timm=True)
     assert "timm_compile_img_s" not in report["models"][0]
+    # A timm-only second pass (as launch/gpu_check.sh does for torch.compile) completes the same row.
+    jax_img_s = report["models"][0]["jax_img_s"]
+    main([*TINY, "--no-jax", "--compare-timm", "--no-torch-compile", "--append", "--workdir", str(tmp_path)])
+    (row,) = json.loads((tmp_path / "bench.json").read_text())["models"]
+    assert row["jax_img_s"] == jax_img_s and _positive(row["timm_eager_img_s"])
 
 
 @pytest.mark.reference

@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--forward", action=argparse.BooleanOptionalAction, default=True,
                    help="time the forward pass (--no-forward with --train: training step only)")
     p.add_argument("--compare-timm", action="store_true", help="time timm in the same process and device")
+    p.add_argument("--jax", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the JAX model (--no-jax --compare-timm --append: add timm numbers to earlier rows)")
     p.add_argument("--timm-eager", action=argparse.BooleanOptionalAction, default=True,
                    help="time timm eager (--no-timm-eager --torch-compile: a compile-only second pass)")
     p.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=None,
@@ -60,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{k} must be positive, got {getattr(args, k)}")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if not args.jax and not args.compare_timm:
+        p.error("--no-jax needs --compare-timm (nothing would be timed)")
     if not args.forward and not args.train:
         p.error("--no-forward needs --train (nothing would be timed)")
     if not (args.models or args.data or args.convert):
@@ -113,9 +117,9 @@ def main(argv=None) -> dict:
         _bench_model(row, args, iters, save)
         failures += "error" in row
         save()
-    if any(r.get("jax_img_s") for r in result["models"]):
+    if any(r.get("jax_img_s") or r.get("timm_compile_img_s") for r in result["models"]):
         rep.print_table(result["models"])
-    if any(r.get("jax_train_img_s") for r in result["models"]):
+    if any(r.get("jax_train_img_s") or r.get("timm_train_compile_img_s") for r in result["models"]):
         rep.print_table(result["models"], rep.TRAIN_COLUMNS, title="training step")
     if args.data:
         from bob_jax.bench.data import run_data
@@ -155,14 +159,15 @@ def _bench_model(row: dict, args, iters: int, save) -> None:
     common = dict(batch=args.batch, size=row["size"], dtype=args.dtype, warmup=args.warmup,
                   repeats=args.repeats, iters=iters)
     t0 = time.perf_counter()
-    try:
-        row.update(models.run_model(row["model"], train=args.train, forward=args.forward,
-                                    num_classes=args.num_classes, **common))
-    except Exception as e:  # one broken model must not lose the others' rows
-        traceback.print_exc()
-        row["error"] = f"{type(e).__name__}: {e}"
-        return
-    save()
+    if args.jax:
+        try:
+            row.update(models.run_model(row["model"], train=args.train, forward=args.forward,
+                                        num_classes=args.num_classes, **common))
+        except Exception as e:  # one broken model must not lose the others' rows
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {e}"
+            return
+        save()
     if args.compare_timm:
         from bob_jax.bench import timm_ref
 

@@ -119,8 +119,9 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"command: `{report['command']}`", ""]
     rows = report["models"]
     if rows:
-        parts += ["## forward", "", markdown_table(rows), ""]
-        if any(r.get("jax_train_img_s") for r in rows):
+        if any(r.get("jax_img_s") or r.get("timm_eager_img_s") or r.get("timm_compile_img_s") for r in rows):
+            parts += ["## forward", "", markdown_table(rows), ""]
+        if any(r.get("jax_train_img_s") or r.get("timm_train_eager_img_s") for r in rows):
             parts += ["## training step", "", markdown_table(rows, TRAIN_COLUMNS), ""]
         parts += ["GFLOPs/img: analytic 2 x MACs of convs/linears/attention matmuls (timm/fvcore convention); "
                   "XLA GFLOPs/img: the compiled program's cost analysis (adds elementwise work, leaves out "
