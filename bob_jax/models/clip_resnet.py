@@ -28,7 +28,7 @@ from flax import nnx
 
 from bob_jax.models import init as init_lib
 from bob_jax.models.init import trunc_normal
-from bob_jax.models.layers import batch_norm, conv2d, linear, torch_padding
+from bob_jax.models.layers import batch_norm, conv2d, linear, to_2tuple, torch_padding
 from bob_jax.models.pos_embed import resample_abs_pos_embed
 
 
@@ -40,8 +40,6 @@ def _make_divisible(v: float, divisor: int = 8) -> int:
     return new_v
 
 
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +52,7 @@ class ClipResNetConfig:
     global_pool: str = "token"
 
     def __post_init__(self):
-        object.__setattr__(self, "img_size", _pair(self.img_size))
+        object.__setattr__(self, "img_size", to_2tuple(self.img_size))
         if self.global_pool != "token":
             raise ValueError(
                 f"global_pool={self.global_pool!r} is not supported for CLIP ResNets; only 'token' "

@@ -28,19 +28,12 @@ import numpy as np
 from flax import nnx
 
 from bob_jax.models import init as init_lib
-from bob_jax.models.layers import conv2d, linear
+from bob_jax.models.layers import conv2d, linear, to_2tuple
 
 LN_EPS = 1e-6
 POOLS = ("avg", "max", "avgmax", "token")
 
 
-def _pair(v) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(i) for i in v)
-    if len(v) != 2:
-        raise ValueError(f"expected an int or a pair, got {v!r}")
-    return v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,14 +57,14 @@ class EvaConfig:
     def make(cls, **kw) -> EvaConfig:
         """Normalise timm-style arguments (ints or pairs) into the frozen config."""
         if "img_size" in kw:
-            kw["img_size"] = _pair(kw["img_size"])
+            kw["img_size"] = to_2tuple(kw["img_size"])
         if "patch_size" in kw:
-            ph, pw = _pair(kw["patch_size"])
+            ph, pw = to_2tuple(kw["patch_size"])
             if ph != pw:
                 raise ValueError(f"only square patches are supported, got patch_size={kw['patch_size']!r}")
             kw["patch_size"] = ph
         if kw.get("ref_feat_shape") is not None:
-            kw["ref_feat_shape"] = _pair(kw["ref_feat_shape"])
+            kw["ref_feat_shape"] = to_2tuple(kw["ref_feat_shape"])
         return cls(**kw)
 
     @property

@@ -12,6 +12,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def to_2tuple(v) -> tuple[int, int]:
+    """An int or a pair (timm's `to_2tuple` for sizes): (v, v) or (v[0], v[1]) as ints."""
+    if isinstance(v, (list, tuple)):
+        if len(v) != 2:
+            raise ValueError(f"expected an int or a pair, got {v!r}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
 def torch_padding(kernel_size: int, stride: int = 1, dilation: int = 1) -> tuple[tuple[int, int], ...]:
     """The symmetric padding timm's `get_padding` gives: ((stride - 1) + dilation * (k - 1)) // 2."""
     p = ((stride - 1) + dilation * (kernel_size - 1)) // 2

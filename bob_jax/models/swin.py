@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from bob_jax.models import init as init_lib
-from bob_jax.models.layers import POOL_DIM_FACTOR, conv2d, global_pool, linear
+from bob_jax.models.layers import POOL_DIM_FACTOR, conv2d, global_pool, linear, to_2tuple
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm everywhere in Swin / SwinV2
 MASK_VALUE = -100.0  # timm/original Swin shift mask value (not -inf)
@@ -44,12 +44,6 @@ MASK_VALUE = -100.0  # timm/original Swin shift mask value (not -inf)
 # ----------------------------------------------------------------------------------------------
 
 
-def to_2tuple(v) -> tuple[int, int]:
-    if isinstance(v, (list, tuple)):
-        if len(v) != 2:
-            raise ValueError(f"expected an int or a pair, got {v!r}")
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
 
 
 def stage_window_sizes(window_size, num_stages: int) -> tuple[tuple[int, int], ...]:

@@ -24,14 +24,13 @@ from flax import nnx
 
 from bob_jax.models import init as init_lib
 from bob_jax.models import pos_embed as pos_embed_lib
+from bob_jax.models.layers import to_2tuple
 
 ACT_LAYERS = ("gelu", "quick_gelu")
 MLP_LAYERS = ("mlp", "swiglu_packed")
 GLOBAL_POOLS = ("token", "avg", "max", "avgmax")
 
 
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, (int, np.integer)) else (int(v[0]), int(v[1]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +57,7 @@ class ViTConfig:
     dynamic_img_size: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "img_size", _pair(self.img_size))
+        object.__setattr__(self, "img_size", to_2tuple(self.img_size))
         if self.global_pool not in GLOBAL_POOLS:
             raise ValueError(f"global_pool={self.global_pool!r} is not supported; use one of {GLOBAL_POOLS}")
         if self.global_pool == "token" and not self.class_token:
