@@ -39,7 +39,8 @@ def _make_tensorboard_writer(logdir: str):
         if importlib.util.find_spec("tensorboard") is None:
             return None
         try:
-            from torch.utils.tensorboard import SummaryWriter  # type: ignore[import-not-found]
+            # Imported by name only here, never at module level: the runtime package must not need torch.
+            SummaryWriter = importlib.import_module("torch.utils.tensorboard").SummaryWriter
         except Exception:
             return None
     try:
