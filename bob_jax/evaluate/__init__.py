@@ -1,7 +1,8 @@
-"""Evaluation metrics on frozen features: retrieval (BoB / revisited Oxford-Paris) and weighted k-NN.
+"""Evaluation metrics: retrieval (BoB / revisited Oxford-Paris), weighted k-NN, calibration (NLL,
+ECE), CheXpert-style multi-label AUROC and ImageNet-A/R masked accuracy.
 
-``retrieval`` is pure numpy; ``knn`` imports jax. Both are imported lazily here so that
-``import bob_jax.evaluate.retrieval`` stays light.
+``knn`` imports jax; the others are numpy. All are imported lazily here so that importing one
+submodule stays light.
 """
 
 from __future__ import annotations
@@ -10,6 +11,12 @@ import importlib
 from typing import Any
 
 __all__ = [
+    "calibration_metrics",
+    "expected_calibration_error",
+    "mean_auroc",
+    "masked_top1",
+    "masked_topk_accuracy",
+    "nll",
     "class_folder_split",
     "knn_accuracy",
     "knn_classify",
@@ -22,6 +29,12 @@ __all__ = [
 ]
 
 _WHERE = {
+    "calibration_metrics": "calibration",
+    "expected_calibration_error": "calibration",
+    "nll": "calibration",
+    "mean_auroc": "multilabel",
+    "masked_top1": "ood",
+    "masked_topk_accuracy": "ood",
     "class_folder_split": "retrieval",
     "rank_database": "retrieval",
     "retrieval_metrics": "retrieval",
