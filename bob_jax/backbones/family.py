@@ -35,6 +35,10 @@ class Family:
     # timm's checkpoint_filter_fn step that depends on the target config (e.g. resampling a position
     # embedding to the model's grid): adapt(state_dict, cfg) -> state_dict, after foreign layouts.
     adapt: Callable[[Mapping[str, np.ndarray], Any], Mapping[str, np.ndarray]] | None = None
+    # Layer-wise lr decay (timm `param_groups_layer_decay` over `group_matcher(coarse=False)`):
+    # layer_id(dotted NNX param path, cfg) -> id in [0, num_layers(cfg)); the head is the last id.
+    layer_id: Callable[[str, Any], int] | None = None
+    num_layers: Callable[[Any], int] | None = None
 
     def config(self, arch: str, arch_kwargs: Mapping[str, Any]):
         unknown = sorted(set(arch_kwargs) - set(self.arch_kwargs))

@@ -1,5 +1,7 @@
 """ResNet-50/101 (timm `resnet.py`): model, timm random init, key table and pretrained tags."""
 
+import re
+
 from bob_jax.backbones.family import Family
 from bob_jax.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from bob_jax.backbones.zoo_types import HubWeights, UrlWeights, ZooEntry
@@ -28,6 +30,22 @@ def _strip_prefixes(state_dict):
     return out
 
 
+def num_layers(cfg) -> int:
+    """timm's ResNet group_matcher(coarse=False): stem, one group per block, then the head."""
+    return sum(cfg.layers) + 2
+
+
+def layer_id(path: str, cfg) -> int:
+    """Layer id of a dotted param path as timm assigns it (stem 0, block k -> k, unmatched -> last)."""
+    if re.match(r"conv1|bn1", path):
+        return 0
+    m = re.match(r"layer(\d+)\.(\d+)\.", path)
+    if m:
+        stage, block = int(m.group(1)), int(m.group(2))
+        return 1 + sum(cfg.layers[: stage - 1]) + block
+    return num_layers(cfg) - 1
+
+
 FAMILY = Family(
     name="resnet",
     archs=resnet.ARCHS,
@@ -37,6 +55,8 @@ FAMILY = Family(
     timm_rules=convert.TIMM_RULES,
     head_prefixes=("fc.",),
     foreign_layouts=((_is_prefixed, _strip_prefixes),),
+    layer_id=layer_id,
+    num_layers=num_layers,
     entries=(
         ZooEntry("resnet50", "a1_in1k", Preprocess(224, 0.95, **_BICUBIC), HubWeights("timm/resnet50.a1_in1k"),
                  license="apache-2.0", notes="timm's default resnet50 (A1 recipe); the original's classification weights"),
