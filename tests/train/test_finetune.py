@@ -86,3 +86,33 @@ def test_schedule_warmup_then_cosine():
     assert float(s(5)) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))
     assert float(s(50)) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
     assert float(s(100)) == pytest.approx(1e-6)
+
+
+class _Subset:
+    def __init__(self, source, n):
+        self.source, self.n = source, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.source[int(i)]
+
+
+def test_run_finetune_digits_end_to_end():
+    from bob_jax.data.sources import Digits
+
+    train, test = _Subset(Digits("train"), 256), _Subset(Digits("test"), 100)
+    model = backbones.create("tf_efficientnet_lite0.in1k", weights=None, num_classes=10)
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
+    config = finetune.FinetuneConfig.local(epochs=3, warmup_epochs=1, batch_size=32, lr=2e-3, log_every_steps=4)
+    out = finetune.run_finetune(model, train, test, num_classes=10, config=config, progress=False)
+    assert out["steps"] == 3 * (256 // 32)
+    assert out["num_eval"] == 100  # 100 = 3 full batches + a padded, masked one
+    assert np.isfinite(out["nll"]) and 0 <= out["ece"] <= 1 and 0 <= out["top1"] <= 1
+    losses = out["losses"]
+    assert losses[-1] < losses[0], losses
+    # Train-mode BatchNorm updated the running statistics written back into the model.
+    after = nnx.state(model, nnx.BatchStat)
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)), before, after))
+    assert any(changed)
