@@ -51,7 +51,8 @@ def _family_and_cfg(model: nnx.Module):
     arch = name.split(".")[0] if isinstance(name, str) else None
     if arch not in zoo.ARCH_TO_FAMILY:
         raise ValueError(
-            f"layer decay needs a model made by bob_jax.backbones.create (with .name 'arch.tag'), got name {name!r}"
+            "layer decay needs a model made by bob_jax.backbones.create (with .name 'arch.tag'), "
+            f"got name {name!r}"
         )
     family = zoo.ARCH_TO_FAMILY[arch]
     if family.layer_id is None or family.num_layers is None:
@@ -205,17 +206,24 @@ class FinetuneConfig:
         if self.epochs < 1:
             raise ValueError(f"FinetuneConfig: epochs must be >= 1, got {self.epochs}.")
         if not 0 <= self.warmup_epochs <= self.epochs:
-            raise ValueError(f"FinetuneConfig: warmup_epochs={self.warmup_epochs} must lie in [0, {self.epochs}].")
+            raise ValueError(
+                f"FinetuneConfig: warmup_epochs={self.warmup_epochs} must lie in [0, {self.epochs}]."
+            )
         if self.batch_size < 2 or self.batch_size % 2:
             raise ValueError(
-                f"FinetuneConfig: batch_size must be even and >= 2 (mixup pairs the batch), got {self.batch_size}."
+                "FinetuneConfig: batch_size must be even and >= 2 (mixup pairs the batch), "
+                f"got {self.batch_size}."
             )
         if self.accumulation_steps < 1:
-            raise ValueError(f"FinetuneConfig: accumulation_steps must be >= 1, got {self.accumulation_steps}.")
+            raise ValueError(
+                f"FinetuneConfig: accumulation_steps must be >= 1, got {self.accumulation_steps}."
+            )
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"FinetuneConfig: layer_decay must lie in (0, 1], got {self.layer_decay}.")
         if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"FinetuneConfig: compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}.")
+            raise ValueError(
+                f"FinetuneConfig: compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}."
+            )
 
     @classmethod
     def local(cls, **overrides) -> FinetuneConfig:
@@ -253,7 +261,8 @@ def make_train_step(graphdef, tx, mesh, preprocess, num_classes: int, config: Fi
             x = random_erasing(k_erase, x, probability=config.reprob, mode="pixel")
         if config.use_mixup:
             x, targets = mixup_cutmix(
-                k_mix, x, labels, num_classes, mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
+                k_mix, x, labels, num_classes,
+                mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
                 prob=config.mixup_prob, switch_prob=config.mixup_switch_prob,
                 label_smoothing=config.label_smoothing,
             )
@@ -353,9 +362,9 @@ def run_finetune(
 ) -> dict[str, Any]:
     """Fine-tune every parameter of `model` (a `backbones.create(..., num_classes=K)` model) on
     `train_source` and evaluate on `test_source`. Returns metrics plus `steps`, `losses` (per logged
-    window mean), `train_seconds`. With `workdir`, the full training state and the grain iterator state are saved
-    at every epoch end under `workdir/checkpoints`; a rerun with the same workdir resumes exactly
-    (per-step augmentation keys are fold_in(seed, step))."""
+    window mean), `train_seconds`. With `workdir`, the full training state and the grain iterator
+    state are saved at every epoch end under `workdir/checkpoints`; a rerun with the same workdir
+    resumes exactly (per-step augmentation keys are fold_in(seed, step))."""
     from bob_jax.backbones import set_compute_dtype
     from bob_jax.data.augment import FinetuneTrainTransform
     from bob_jax.data.pipelines import train_dataset
@@ -371,8 +380,8 @@ def run_finetune(
     mesh = parallel.make_mesh() if mesh is None else mesh
     if config.batch_size % parallel.num_data_shards(mesh):
         raise ValueError(
-            f"run_finetune: batch_size {config.batch_size} is not divisible by the {parallel.num_data_shards(mesh)} "
-            "data shards of the mesh."
+            f"run_finetune: batch_size {config.batch_size} is not divisible by the "
+            f"{parallel.num_data_shards(mesh)} data shards of the mesh."
         )
     preprocess = model.preprocess
     if config.input_size is not None and config.input_size != preprocess.input_size:
@@ -381,16 +390,20 @@ def run_finetune(
     steps_per_epoch = n_train // config.batch_size
     if steps_per_epoch < config.accumulation_steps:
         raise ValueError(
-            f"run_finetune: {n_train} training examples give {steps_per_epoch} batches of {config.batch_size} per "
-            f"epoch, fewer than accumulation_steps={config.accumulation_steps}; lower the batch size."
+            f"run_finetune: {n_train} training examples give {steps_per_epoch} batches of "
+            f"{config.batch_size} per epoch, fewer than accumulation_steps={config.accumulation_steps}; "
+            "lower the batch size."
         )
     total_steps = steps_per_epoch * config.epochs
-    updates_per_epoch = steps_per_epoch // config.accumulation_steps
+    # Optimiser updates (every accumulation_steps micro-batches) drive the schedule.
     schedule = warmup_cosine_lr(
-        config.lr, updates_per_epoch * config.epochs, updates_per_epoch * config.warmup_epochs,
+        config.lr, total_steps // config.accumulation_steps,
+        steps_per_epoch * config.warmup_epochs // config.accumulation_steps,
         warmup_lr=config.warmup_lr, min_lr=config.min_lr,
     )
 
+    # Remember each layer's compute dtype: bfloat16 applies to this run only.
+    saved_dtypes = [(m, m.dtype) for _, m in nnx.iter_modules(model) if hasattr(m, "dtype")]
     if config.compute_dtype == "bfloat16":
         set_compute_dtype(model, jnp.bfloat16)
     model.eval()
@@ -418,7 +431,8 @@ def run_finetune(
     it = iter(ds)
     base_key = jax.random.key(config.seed)
     run_meta = {"task": "finetune", "model": str(getattr(model, "name", "")), "num_classes": int(num_classes),
-                "num_train": int(n_train), "total_steps": int(total_steps), "config": dataclasses.asdict(config)}
+                "num_train": int(n_train), "total_steps": int(total_steps),
+                "config": dataclasses.asdict(config)}
 
     # The training state is checkpointed as a flat list of arrays: nnx.State / optax states hold
     # Variable nodes, and the leaf order of (params, rest, opt_state) is fixed by the graphdef.
@@ -436,8 +450,8 @@ def run_finetune(
             if mismatched:
                 ckpt.close()
                 raise ValueError(
-                    f"run_finetune: {workdir} holds a checkpoint of a different run (differs in {mismatched}); "
-                    "use a new workdir or delete the old one."
+                    f"run_finetune: {workdir} holds a checkpoint of a different run "
+                    f"(differs in {mismatched}); use a new workdir or delete the old one."
                 )
             leaves = jax.tree.leaves((params, rest, opt_state))
             restored, data_state = ckpt.restore(latest, abstract_like({"leaves": leaves}))
@@ -448,12 +462,13 @@ def run_finetune(
     losses, window = [], []
     start = time.perf_counter()
     step = start_step
-    every = updates_per_epoch * config.accumulation_steps  # checkpoint once per epoch
+    every = steps_per_epoch  # checkpoint once per epoch
     try:
         while step < total_steps:
             batch = next(it)
             step += 1
-            b = parallel.shard_batch({"image": batch["image"], "label": batch["label"].astype(np.int32)}, mesh)
+            labels = batch["label"].astype(np.int32)
+            b = parallel.shard_batch({"image": batch["image"], "label": labels}, mesh)
             params, rest, opt_state, loss = train_step(
                 params, rest, opt_state, b["image"], b["label"], jax.random.fold_in(base_key, step)
             )
@@ -480,5 +495,8 @@ def run_finetune(
     # Write the trained state back so the caller's model object holds the fine-tuned weights.
     nnx.update(model, params, rest)
     model.eval()
-    return {**metrics, "steps": step, "resumed_from": start_step, "losses": losses, "train_seconds": train_seconds,
+    for module, dtype in saved_dtypes:
+        module.dtype = dtype
+    return {**metrics, "steps": step, "resumed_from": start_step, "losses": losses,
+            "train_seconds": train_seconds,
             "num_train": n_train, "config": dataclasses.asdict(config)}

@@ -108,7 +108,9 @@ def test_run_finetune_digits_end_to_end(tmp_path):
     train, test = _Subset(Digits("train"), 256), _Subset(Digits("test"), 100)
     model = backbones.create("tf_efficientnet_lite0.offline", weights="pretrained", num_classes=10)
     before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
-    config = finetune.FinetuneConfig.local(epochs=3, warmup_epochs=1, batch_size=32, lr=1e-3, log_every_steps=4)
+    config = finetune.FinetuneConfig.local(
+        epochs=3, warmup_epochs=1, batch_size=32, lr=1e-3, log_every_steps=4
+    )
     # One of the eight fake CPU devices: sharding 8 ways on 2 cores costs twice the time.
     mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
     out = finetune.run_finetune(model, train, test, num_classes=10, config=config, progress=False,
@@ -134,3 +136,42 @@ def test_run_finetune_digits_end_to_end(tmp_path):
     with pytest.raises(ValueError, match="different run"):
         finetune.run_finetune(fresh, train, test, num_classes=10, progress=False, workdir=str(tmp_path),
                               config=finetune.FinetuneConfig.local(epochs=2, batch_size=32))
+
+
+def test_layer_ids_by_hand_resnet101_and_lite0():
+    from bob_jax.families import efficientnet, resnet
+    from bob_jax.models.efficientnet import EfficientNetConfig
+    from bob_jax.models.resnet import ResNetConfig
+
+    cfg = ResNetConfig.resnet101()
+    assert resnet.num_layers(cfg) == 35
+    assert resnet.layer_id("conv1.kernel", cfg) == resnet.layer_id("bn1.scale", cfg) == 0
+    assert resnet.layer_id("layer1.0.bn1.scale", cfg) == 1
+    assert resnet.layer_id("layer3.22.conv3.kernel", cfg) == 1 + 3 + 4 + 22
+    assert resnet.layer_id("layer4.0.downsample.0.kernel", cfg) == 1 + 3 + 4 + 23
+    assert resnet.layer_id("fc.kernel", cfg) == 34
+    cfg = EfficientNetConfig.tf_efficientnet_lite0()
+    assert efficientnet.layer_id("blocks.6.0.conv_pw.kernel", cfg) == 16
+    assert efficientnet.layer_id("conv_head.kernel", cfg) == efficientnet.layer_id("bn2.bias", cfg) == 16
+    assert efficientnet.layer_id("classifier.kernel", cfg) == 17
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(batch_size=31), "even"),
+        (dict(epochs=2, warmup_epochs=3), "warmup_epochs"),
+        (dict(layer_decay=0.0), "layer_decay"),
+        (dict(compute_dtype="float16"), "compute_dtype"),
+        (dict(accumulation_steps=0), "accumulation_steps"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        finetune.FinetuneConfig(**kwargs)
+
+
+def test_run_finetune_rejects_head_size_mismatch():
+    model = backbones.create("tf_efficientnet_lite0.in1k", weights=None, num_classes=5)
+    with pytest.raises(ValueError, match="num_classes=10"):
+        finetune.run_finetune(model, [], [], num_classes=10, config=finetune.FinetuneConfig.local())
