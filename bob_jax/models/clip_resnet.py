@@ -40,8 +40,6 @@ def _make_divisible(v: float, divisor: int = 8) -> int:
     return new_v
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class ClipResNetConfig:
     layers: tuple[int, int, int, int] = (3, 4, 6, 3)

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from bob_jax.models import init as init_lib
+from bob_jax.models import layers
 from bob_jax.models.layers import POOL_DIM_FACTOR, DepthwiseConv2d, conv2d, global_pool, linear
 
 LN_EPS = 1e-6
@@ -97,7 +98,7 @@ ARCH_KWARGS = (
 
 def layer_norm(dim: int, *, rngs) -> nnx.LayerNorm:
     """timm `LayerNorm` / `LayerNorm2d` on a channels-last map: eps 1e-6, two-pass variance."""
-    return nnx.LayerNorm(dim, epsilon=LN_EPS, use_fast_variance=False, rngs=rngs)
+    return layers.layer_norm(dim, eps=LN_EPS, rngs=rngs)
 
 
 class DepthwiseConv2dBias(DepthwiseConv2d):
@@ -213,8 +214,6 @@ class ConvNeXt(nnx.Module):
         if intermediates:
             out["intermediates"] = inter
         return out
-
-
 
 
 def _constant(value: float) -> init_lib.InitFn:

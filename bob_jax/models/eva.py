@@ -28,12 +28,11 @@ import numpy as np
 from flax import nnx
 
 from bob_jax.models import init as init_lib
+from bob_jax.models import layers
 from bob_jax.models.layers import conv2d, linear, to_2tuple
 
 LN_EPS = 1e-6
 POOLS = ("avg", "max", "avgmax", "token")
-
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +108,7 @@ ARCH_KWARGS = (
 
 
 def _layer_norm(dim: int, rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(dim, epsilon=LN_EPS, use_fast_variance=False, rngs=rngs)
+    return layers.layer_norm(dim, eps=LN_EPS, rngs=rngs)
 
 
 @functools.lru_cache(maxsize=32)
@@ -332,8 +331,6 @@ class Eva(nnx.Module):
         if intermediates:
             out["intermediates"] = inter
         return out
-
-
 
 
 def init_rules(cfg: EvaConfig) -> list[tuple[str, init_lib.InitFn]]:

@@ -100,6 +100,12 @@ def batch_norm(num_features: int, *, eps: float = 1e-5, rngs) -> nnx.BatchNorm:
     )
 
 
+def layer_norm(dim: int, *, eps: float, rngs) -> nnx.LayerNorm:
+    """`torch.nn.LayerNorm` semantics: the source's epsilon (timm 1e-6, torch 1e-5), exact two-pass
+    variance (flax's fast variance differs on small-spread inputs)."""
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
+
+
 def linear(in_features: int, out_features: int, *, bias: bool = True, rngs) -> nnx.Linear:
     return nnx.Linear(in_features, out_features, use_bias=bias, rngs=rngs)
 

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from bob_jax.models import init as init_lib
+from bob_jax.models import layers
 from bob_jax.models.layers import POOL_DIM_FACTOR, conv2d, global_pool, linear, to_2tuple
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm everywhere in Swin / SwinV2
@@ -42,8 +43,6 @@ MASK_VALUE = -100.0  # timm/original Swin shift mask value (not -inf)
 # ----------------------------------------------------------------------------------------------
 # configuration helpers shared with SwinV2
 # ----------------------------------------------------------------------------------------------
-
-
 
 
 def stage_window_sizes(window_size, num_stages: int) -> tuple[tuple[int, int], ...]:
@@ -126,7 +125,7 @@ def shift_attn_mask(hp: int, wp: int, window: tuple[int, int], shift: tuple[int,
 
 
 def layer_norm(dim: int, *, rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(dim, epsilon=LN_EPS, use_fast_variance=False, rngs=rngs)
+    return layers.layer_norm(dim, eps=LN_EPS, rngs=rngs)
 
 
 def gelu(x):
@@ -385,8 +384,6 @@ class SwinTransformer(SwinBase):
 # ----------------------------------------------------------------------------------------------
 # timm random init
 # ----------------------------------------------------------------------------------------------
-
-
 
 
 def patch_embed_rules(cfg) -> list[tuple[str, init_lib.InitFn]]:

@@ -31,8 +31,6 @@ MLP_LAYERS = ("mlp", "swiglu_packed")
 GLOBAL_POOLS = ("token", "avg", "max", "avgmax")
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
     img_size: tuple[int, int] = (224, 224)
@@ -381,8 +379,6 @@ class VisionTransformer(nnx.Module):
         if intermediates:
             out["intermediates"] = inter
         return out
-
-
 
 
 def _normal(std: float):
