@@ -8,6 +8,7 @@ into one store. The job ends by ranking every record in the store with per-setti
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 import time
@@ -22,7 +23,7 @@ from flax import nnx
 from bob_jax import backbones, parallel
 from bob_jax.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from bob_jax.features import extract_features
-from bob_jax.frozen import TASKS
+from bob_jax.frozen import TASKS, DataSplits
 from bob_jax.results import ResultsStore, environment_info, run_key
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,20 @@ def input_size_kwargs(name: str, config: ml_collections.ConfigDict) -> dict[str,
     return {}
 
 
-def load_data(cfg: ml_collections.ConfigDict):
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """The job's train and evaluation sources and how they were split (recorded in every result)."""
+
+    train: Any
+    test: Any
+    split: str
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.train.num_classes)
+
+
+def load_data(cfg: ml_collections.ConfigDict) -> Data:
     from bob_jax.data.sources import get_source, seeded_subset
 
     kw = {"data_dir": cfg.data_dir or None}
@@ -78,7 +92,7 @@ def load_data(cfg: ml_collections.ConfigDict):
         train = seeded_subset(train, cfg.train_size, seed=cfg.seed)
     if cfg.test_size:
         test = seeded_subset(test, cfg.test_size, seed=cfg.seed + 1)
-    return train, test
+    return Data(train, test, f"{cfg.train_split}->{cfg.test_split}")
 
 
 def parse_mesh(spec: str) -> dict[str, int] | None:
@@ -88,83 +102,145 @@ def parse_mesh(spec: str) -> dict[str, int] | None:
     return {k.strip(): int(v) for k, v in (item.split("=") for item in spec.split(","))}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, console=None) -> dict[str, Any]:
-    """Run the battle described by `config` into `workdir`; returns the report paths and ranking."""
-    from bob_jax.report import write_report
-
-    workdir = pathlib.Path(workdir)
-    store = ResultsStore(workdir)
-    unknown = [t for t in config.tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; available: {sorted(TASKS)}")
-    known = backbones.list_backbones()
-    specs = [parse_backbone(spec, config.weights) for spec in config.backbones]
-    bad = [name for name, _, _ in specs if name not in known]
-    if bad:
-        raise ValueError(f"unknown backbone(s) {bad}; entries are 'arch.tag@weights' with arch.tag one of {known}")
-    # Fail before any work when a checkpoint is unavailable (offline, no cache, missing file).
+def _check_weights(specs) -> None:
+    """Fail before any work when a checkpoint is unavailable (offline, no cache, missing file)."""
     for name, weights, _ in specs:
         if weights == "pretrained":
             backbones.resolve_pretrained_file(backbones.ZOO[name])
         elif weights is not None and not pathlib.Path(weights).exists():
             raise FileNotFoundError(f"{name}: weights file {weights} does not exist")
-    mesh = parallel.make_mesh(parse_mesh(config.mesh))
-    train_src, test_src = load_data(config.dataset)
-    num_classes = int(train_src.num_classes)
-    env = environment_info()
-    dataset = config.dataset.name
-    split = f"{config.dataset.train_split}->{config.dataset.test_split}"
 
-    for name, weights, label in specs:
-        t0 = time.time()
-        model = backbones.create(name, weights=weights, seed=config.seed, num_classes=0,
-                                 **input_size_kwargs(name, config))
-        pre = backbone_preprocess(model, config)
-        num_params = int(sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
-        common = {
-            "input_size": pre.input_size, "normalization": config.normalization,
-            "train_source": train_src.describe(), "test_source": test_src.describe(),
+
+def _specs(config: ml_collections.ConfigDict) -> list[tuple[str, str | None, str]]:
+    from bob_jax.trained import TRAINED
+
+    unknown = [t for t in config.tasks if t not in TASKS and t not in TRAINED]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; available: {sorted({*TASKS, *TRAINED})}")
+    known = backbones.list_backbones()
+    specs = [parse_backbone(spec, config.weights) for spec in config.backbones]
+    bad = [name for name, _, _ in specs if name not in known]
+    if bad:
+        raise ValueError(f"unknown backbone(s) {bad}; entries are 'arch.tag@weights' with arch.tag one of {known}")
+    _check_weights(specs)
+    return specs
+
+
+class _Writer:
+    """Writes one record per finished (backbone, task, setting) and prints its line."""
+
+    def __init__(self, store: ResultsStore, config, console):
+        self.store, self.config, self.console = store, config, console
+        self.env = environment_info()
+
+    def skip(self, key: str, what: str) -> bool:
+        if self.config.force or not self.store.exists(key):
+            return False
+        if self.console is not None:
+            self.console.print(f"{what}: finished earlier ({key}), skipped", markup=False)
+        return True
+
+    def write(self, record: dict[str, Any]) -> None:
+        record = {
+            "seed": self.config.seed, "protocol": self.config.protocol, "config": self.config.to_dict(),
+            "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
+            "environment": self.env, **record,
         }
-        pending = []
-        for task in config.tasks:
-            hparams = {**common, "task": config[task].to_dict()}
-            key = run_key(label, model.weights_id, task, dataset, split, config.protocol, config.seed, hparams)
-            if config.force or not store.exists(key):
-                pending.append((task, key, hparams))
-            elif console is not None:
-                console.print(f"{label} / {task}: finished earlier ({key}), skipped", markup=False)
-        if not pending:
-            continue
-        feature_kw = dict(preprocess=pre, batch_size=config.batch_size, mesh=mesh,
-                          cache_dir=workdir / "features", num_workers=config.num_workers,
-                          progress=config.progress)
-        train = extract_features(model, train_src, description=f"{label} train", **feature_kw)
-        test = extract_features(model, test_src, description=f"{label} test", **feature_kw)
-        extract_s = time.time() - t0
-        for task, key, hparams in pending:
-            t1 = time.time()
-            metrics, per_example = TASKS[task].run(
-                train, test, num_classes=num_classes, cfg=config[task], mesh=mesh,
-                workdir=str(workdir / "runs" / key), progress=config.progress,
-            )
-            store.write({
-                "key": key, "backbone": label, "backbone_name": name, "weights": model.weights_id,
-                "task": task, "dataset": dataset, "split": split, "protocol": config.protocol,
-                "seed": config.seed, "primary_metric": TASKS[task].primary_metric, "metrics": metrics,
-                "hparams": hparams, "config": config.to_dict(), "input_size": pre.input_size,
-                "preprocess": pre.to_dict(), "dtype": "float32", "feature_dim": int(train.features.shape[1]),
-                "wall_time_s": {"task": time.time() - t1, "features": extract_s,
-                                "features_cached": bool(train.cached and test.cached)},
-                "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
-                "environment": env, "num_params": num_params,
-                "metrics_per_example": None if per_example is None else [float(v) for v in per_example],
-            })
-            line = f"{label} / {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            log.info(line)
-            if console is not None:
-                console.print(line, markup=False, highlight=False)
+        self.store.write(record)
+        line = f"{record['backbone']} / {record['task']} / {record['dataset']}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in record["metrics"].items() if isinstance(v, float)
+        )
+        log.info(line)
+        if self.console is not None:
+            self.console.print(line, markup=False, highlight=False)
 
-    records = store.records()
+
+def _gflops(name: str, input_size: int) -> float | None:
+    try:
+        from bob_jax.bench.flops import analytic_gflops
+    except ImportError:  # the analytic counter is optional for the job
+        return None
+    try:
+        return float(analytic_gflops(name, input_size))
+    except (KeyError, NotImplementedError, ValueError):
+        return None
+
+
+def _run_frozen(name, weights, label, tasks, config, data, mesh, workdir, writer) -> None:
+    """Frozen-feature tasks of one backbone: each distinct feature output is extracted once."""
+    model = backbones.create(name, weights=weights, seed=config.seed, num_classes=0,
+                             **input_size_kwargs(name, config))
+    pre = backbone_preprocess(model, config)
+    num_params = int(sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+    common = {"input_size": pre.input_size, "normalization": config.normalization,
+              "train_source": data.train.describe(), "test_source": data.test.describe()}
+    pending = []
+    for task in tasks:
+        spec = TASKS[task]
+        output = spec.output_for(model, config[task])
+        hparams = {**common, "task": config[task].to_dict(), "output": output}
+        key = run_key(label, model.weights_id, task, config.dataset.name, data.split, config.protocol,
+                      config.seed, hparams)
+        if not writer.skip(key, f"{label} / {task}"):
+            pending.append((spec, output, key, hparams))
+    if not pending:
+        return
+    feature_kw = dict(preprocess=pre, batch_size=config.batch_size, mesh=mesh, cache_dir=workdir / "features",
+                      num_workers=config.num_workers, progress=config.progress)
+    extracted, seconds = {}, {}
+
+    def features(split: str, output: str):
+        if (split, output) not in extracted:
+            t = time.time()
+            suffix = "" if output == "pooled" else f" {output}"
+            extracted[split, output] = extract_features(
+                model, getattr(data, split), output=output, description=f"{label} {split}{suffix}", **feature_kw)
+            seconds[split, output] = time.time() - t
+        return extracted[split, output]
+
+    for spec, output, key, hparams in pending:
+        test = features("test", output)
+        train = features("train", output) if spec.needs_train else None
+        used = [("test", output)] + ([("train", output)] if spec.needs_train else [])
+        t = time.time()
+        metrics, per_example = spec.run(
+            train, test, num_classes=data.num_classes, cfg=config[spec.name], mesh=mesh,
+            workdir=str(workdir / "runs" / key), progress=config.progress,
+            sources=DataSplits(data.train, data.test),
+        )
+        writer.write({
+            "key": key, "backbone": label, "backbone_name": name, "weights": model.weights_id,
+            "task": spec.name, "dataset": config.dataset.name, "split": data.split,
+            "primary_metric": spec.primary_metric, "metrics": metrics, "hparams": hparams,
+            "input_size": pre.input_size, "preprocess": pre.to_dict(), "dtype": "float32",
+            "feature_dim": int(test.features.shape[1]), "num_params": num_params,
+            "gflops": _gflops(name, pre.input_size),
+            # Feature time is that of the features this task read (extracted once, shared by tasks).
+            "wall_time_s": {"task": time.time() - t, "features": sum(seconds[u] for u in used),
+                            "features_cached": all(extracted[u].cached for u in used)},
+            "metrics_per_example": None if per_example is None else [float(v) for v in per_example],
+        })
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, console=None) -> dict[str, Any]:
+    """Run the battle described by `config` into `workdir`; returns the report paths and ranking."""
+    from bob_jax.report import write_report
+    from bob_jax.trained import TRAINED
+
+    workdir = pathlib.Path(workdir)
+    specs = _specs(config)
+    writer = _Writer(ResultsStore(workdir), config, console)
+    mesh = parallel.make_mesh(parse_mesh(config.mesh))
+    data = load_data(config.dataset)
+    frozen = [t for t in config.tasks if t in TASKS]
+    trained = [t for t in config.tasks if t in TRAINED]
+    for name, weights, label in specs:
+        if frozen:
+            _run_frozen(name, weights, label, frozen, config, data, mesh, workdir, writer)
+        for task in trained:
+            TRAINED[task].run(name, weights, label, config=config, data=data, mesh=mesh, workdir=workdir,
+                              writer=writer)
+    records = writer.store.records()
     paths = write_report(records, workdir / "report", console=console)
     return {"paths": paths, "records": records}
 

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -45,10 +46,31 @@ def cache_key(model: nnx.Module, source_info: dict, preprocess: Preprocess, outp
     return hashlib.sha256(blob).hexdigest()[:24]
 
 
+# Named descriptors beyond the model's output keys: name -> fn(model, normalized images) -> [B, D].
+# Tasks that need another descriptor (e.g. DINOv2's linear-eval concatenation) register one here.
+DESCRIPTORS: dict[str, Callable[[nnx.Module, jax.Array], jax.Array]] = {}
+
+
+def register_descriptor(name: str, fn: Callable[[nnx.Module, jax.Array], jax.Array]) -> None:
+    DESCRIPTORS[name] = fn
+
+
+def _descriptor(model: nnx.Module, x: jax.Array, output: str) -> jax.Array:
+    if output in DESCRIPTORS:
+        return DESCRIPTORS[output](model, x)
+    out = model(x)
+    if output not in out:
+        raise ValueError(
+            f"feature output {output!r} is neither a model output ({sorted(out)}) nor a registered "
+            f"descriptor ({sorted(DESCRIPTORS)})"
+        )
+    return out[output]
+
+
 def _embed_fn(graphdef, preprocess: Preprocess, output: str, mesh):
     def embed(state, images):
         model = nnx.merge(graphdef, state)
-        return model(normalize(images, preprocess))[output]
+        return _descriptor(model, normalize(images, preprocess), output)
 
     return jax.jit(
         embed,
@@ -70,7 +92,8 @@ def extract_features(
     progress: bool = True,
     description: str = "features",
 ) -> Features:
-    """`model`'s `output` ("pooled" by default) for every example of `source`, in source order."""
+    """`model`'s `output` for every example of `source`, in source order: a key of the model's output
+    dict ("pooled" by default) or a descriptor registered in `DESCRIPTORS`."""
     from bob_jax.data.pipelines import eval_batches
     from bob_jax.data.transforms import EvalTransform
 

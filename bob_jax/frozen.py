@@ -18,14 +18,34 @@ from bob_jax.features import Features
 
 
 @dataclasses.dataclass(frozen=True)
+class DataSplits:
+    """The raw sources behind the features (for tasks that need file names, ground truth or masks)."""
+
+    train: Any
+    test: Any
+
+
+@dataclasses.dataclass(frozen=True)
 class FrozenTask:
+    """`run(train, test, *, num_classes, cfg, mesh, workdir, progress, sources) -> (metrics, per_example)`.
+
+    `output` names the features the task reads (a model output key or a descriptor registered in
+    `bob_jax.features.DESCRIPTORS`), or is `output(model, cfg) -> name` when it depends on the backbone;
+    the job extracts each distinct output once. `needs_train=False`: `train` is None (query/database
+    protocols that read only the evaluation split)."""
+
     name: str
     primary_metric: str
     run: Callable[..., tuple[dict[str, float], np.ndarray | None]]
+    output: str | Callable[[Any, Mapping[str, Any]], str] = "pooled"
+    needs_train: bool = True
+
+    def output_for(self, model, cfg: Mapping[str, Any]) -> str:
+        return self.output if isinstance(self.output, str) else self.output(model, cfg)
 
 
 def linear_probe(train: Features, test: Features, *, num_classes: int, cfg: Mapping[str, Any], mesh, workdir,
-                 progress: bool) -> tuple[dict[str, float], np.ndarray | None]:
+                 progress: bool, sources: DataSplits | None = None) -> tuple[dict[str, float], np.ndarray | None]:
     from bob_jax.tasks.linear_probe import LinearProbeConfig, run_linear_probe
 
     out = run_linear_probe(
@@ -37,7 +57,7 @@ def linear_probe(train: Features, test: Features, *, num_classes: int, cfg: Mapp
 
 
 def knn(train: Features, test: Features, *, num_classes: int, cfg: Mapping[str, Any], mesh, workdir,
-        progress: bool) -> tuple[dict[str, float], np.ndarray | None]:
+        progress: bool, sources: DataSplits | None = None) -> tuple[dict[str, float], np.ndarray | None]:
     from bob_jax.evaluate.knn import knn_classify_multi
 
     ks = tuple(sorted({int(cfg["k"]), *(int(k) for k in cfg["extra_ks"])}))
@@ -52,7 +72,7 @@ def knn(train: Features, test: Features, *, num_classes: int, cfg: Mapping[str, 
 
 
 def retrieval(train: Features, test: Features, *, num_classes: int, cfg: Mapping[str, Any], mesh, workdir,
-              progress: bool) -> tuple[dict[str, float], np.ndarray | None]:
+              progress: bool, sources: DataSplits | None = None) -> tuple[dict[str, float], np.ndarray | None]:
     from bob_jax.evaluate.retrieval import retrieval_metrics
 
     metrics, per_query = retrieval_metrics(
