@@ -44,17 +44,22 @@ from bob_jax import parallel
 # --------------------------------------------------------------------------------------------------
 
 
-def _family_and_cfg(model: nnx.Module):
+def _family(model: nnx.Module):
     from bob_jax.backbones import zoo
 
     name = getattr(model, "name", None)
     arch = name.split(".")[0] if isinstance(name, str) else None
     if arch not in zoo.ARCH_TO_FAMILY:
         raise ValueError(
-            "layer decay needs a model made by bob_jax.backbones.create (with .name 'arch.tag'), "
-            f"got name {name!r}"
+            "layer decay and head re-initialisation need a model made by bob_jax.backbones.create "
+            f"(with .name 'arch.tag'), got name {name!r}"
         )
-    family = zoo.ARCH_TO_FAMILY[arch]
+    return zoo.ARCH_TO_FAMILY[arch]
+
+
+def _family_and_cfg(model: nnx.Module):
+    family = _family(model)
+    arch = model.name.split(".")[0]
     if family.layer_id is None or family.num_layers is None:
         raise ValueError(
             f"family {family.name!r} declares no layer_id/num_layers; layer decay is unavailable for {arch}. "
@@ -293,15 +298,21 @@ def make_train_step(graphdef, tx, mesh, preprocess, num_classes: int, config: Fi
 ECE_BINS = 15
 
 
-def make_eval_step(graphdef, mesh, preprocess):
-    """Jitted `eval(params, rest, images_uint8, labels, mask) -> masked sums` (eval-mode BatchNorm)."""
+def make_eval_step(graphdef, mesh, preprocess, class_subset=None):
+    """Jitted `eval(params, rest, images_uint8, labels, mask) -> masked sums` (eval-mode BatchNorm).
+
+    `class_subset` (sorted class indices): only those logits are kept, as the original evaluates
+    ImageNet-A/-R with 200 of the 1000 classes; labels are then positions in the subset."""
     from bob_jax.backbones.preprocess import normalize
 
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    subset = None if class_subset is None else np.asarray(class_subset, np.int32)
 
     def step(params, rest, images, labels, mask):
         model = nnx.merge(graphdef, params, rest)
         logits = model(normalize(images, preprocess))["logits"].astype(jnp.float32)
+        if subset is not None:
+            logits = logits[:, subset]
         mask = mask.astype(jnp.float32)
         safe_labels = jnp.maximum(labels, 0)  # padded rows carry label -1; they are masked out
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
@@ -325,16 +336,19 @@ def make_eval_step(graphdef, mesh, preprocess):
 # --------------------------------------------------------------------------------------------------
 
 
-def evaluate(eval_step, params, rest, source, preprocess, *, batch_size: int, mesh, num_threads: int = 4):
-    """Every example of `source` exactly once (padded final batch masked): top1, nll, ece, num_eval."""
+def evaluate(eval_step, params, rest, source, preprocess, *, batch_size: int, mesh, num_threads: int = 4,
+             label_map=None):
+    """Every example of `source` exactly once (padded final batch masked): top1, nll, ece, num_eval.
+    `label_map(labels) -> labels` converts source labels (e.g. 1000-class ids to subset positions)."""
     from bob_jax.data.pipelines import eval_batches
     from bob_jax.data.transforms import EvalTransform
 
     totals = None
     for batch in eval_batches(source, EvalTransform(preprocess), batch_size, num_threads=num_threads):
-        b = parallel.shard_batch(
-            {"image": batch["image"], "label": batch["label"].astype(np.int32), "mask": batch["mask"]}, mesh
-        )
+        labels = batch["label"].astype(np.int32)
+        if label_map is not None:
+            labels = np.where(batch["mask"], label_map(np.where(batch["mask"], labels, 0)), -1).astype(np.int32)
+        b = parallel.shard_batch({"image": batch["image"], "label": labels, "mask": batch["mask"]}, mesh)
         sums = eval_step(params, rest, b["image"], b["label"], b["mask"])
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
@@ -347,6 +361,54 @@ def evaluate(eval_step, params, rest, source, preprocess, *, batch_size: int, me
         "ece": float(np.sum(np.abs(totals["bin_acc"] - totals["bin_conf"])) / count),
         "num_eval": int(round(float(count))),
     }
+
+
+def reinit_head(model: nnx.Module, seed: int = 0) -> list[str]:
+    """Re-initialise the classifier head as the original's fine-tuning does: xavier-normal weights
+    (torch `xavier_normal_`: std = sqrt(2 / (fan_in + fan_out))), zero bias. Returns the paths touched."""
+    family = _family(model)
+    rng = np.random.default_rng(seed)
+    touched = []
+    for path, var in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda kv: _path_str(kv[0])):
+        name = _path_str(path)
+        if not name.startswith(family.head_prefixes):
+            continue
+        value = var.get_value()
+        if value.ndim == 2:  # [fan_in, fan_out] kernel
+            std = math.sqrt(2.0 / (value.shape[0] + value.shape[1]))
+            new = rng.standard_normal(value.shape) * std
+        else:
+            new = np.zeros(value.shape)
+        var.set_value(jnp.asarray(new, value.dtype))
+        touched.append(name)
+    if not touched:
+        raise ValueError(f"{model.name}: no head parameters under {family.head_prefixes}; was it made with num_classes=0?")
+    return touched
+
+
+def finetune_model(name: str, weights, num_classes: int, config: FinetuneConfig | None = None, *, seed: int = 0,
+                   **kwargs) -> nnx.Module:
+    """`backbones.create(name, weights=..., num_classes=...)` with the head re-initialised (`reinit_head`)."""
+    from bob_jax import backbones
+
+    model = backbones.create(name, weights=weights, seed=seed, num_classes=num_classes, **kwargs)
+    reinit_head(model, seed)
+    return model
+
+
+def evaluate_model(model: nnx.Module, source, *, preprocess=None, batch_size: int = 64, mesh=None,
+                   class_subset=None, label_map=None, num_threads: int = 4) -> dict[str, float]:
+    """Top1 / NLL / ECE of a classifier `model` (eval mode) on `source`, e.g. a fine-tuned model on
+    shifted test sets. `class_subset` / `label_map`: see `make_eval_step` / `evaluate`."""
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    preprocess = preprocess or model.preprocess
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = jax.device_put((params, rest), parallel.replicated(mesh))
+    step = make_eval_step(graphdef, mesh, preprocess, class_subset=class_subset)
+    batch_size = -(-batch_size // parallel.num_data_shards(mesh)) * parallel.num_data_shards(mesh)
+    return evaluate(step, params, rest, source, preprocess, batch_size=batch_size, mesh=mesh,
+                    num_threads=num_threads, label_map=label_map)
 
 
 def run_finetune(
