@@ -12,6 +12,8 @@ Available (`get_source(spec, split)`):
   digits          scikit-learn's bundled 8x8 digits with a fixed, library-independent stratified split
   tfds:<name>     a tensorflow-datasets ArrayRecord build read through `tfds.data_source` (no TensorFlow)
   folder:<root>   an ImageFolder tree root/<class>/<image files>
+  <name>          a benchmark dataset of `bob_jax.data.datasets` (e.g. 'cifar100', 'imagenet_a'), also
+  bench:<name>    spelled with the prefix; pinned splits, preparation steps in errors
 
 Subsets (`Subset`, `seeded_subset`) record their seed and a sha256 of the chosen indices so a result
 names exactly which examples it used.
@@ -47,7 +49,7 @@ __all__ = [
     "seeded_subset",
 ]
 
-KNOWN_SOURCES = ("fashion_mnist", "digits", "tfds:<name>", "folder:<root>")
+KNOWN_SOURCES = ("fashion_mnist", "digits", "tfds:<name>", "folder:<root>", "bench:<name>")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -683,10 +685,12 @@ def seeded_subset(source, n: int, *, seed: int, stratified: bool = True) -> Subs
 
 
 def get_source(spec: str, split: str = "train", *, data_dir: str | os.PathLike | None = None, **kwargs):
-    """Build a source from a name: 'fashion_mnist', 'digits', 'tfds:<name>', 'folder:<root>'.
+    """Build a source from a name: 'fashion_mnist', 'digits', 'tfds:<name>', 'folder:<root>', or a
+    benchmark dataset name ('cifar100', 'bench:cifar100'; `bob_jax.data.datasets.list_datasets()`).
 
     `data_dir`: Fashion-MNIST file directory, tfds data_dir, or the folder root when 'folder' has no
-    path. Extra keyword arguments go to the source class (e.g. image_key= for tfds, seed= for digits).
+    path (benchmark datasets: see `datasets.get_dataset`). Extra keyword arguments go to the source
+    class (e.g. image_key= for tfds, seed= for digits, n_shot= for benchmark datasets).
     """
     kind, _, arg = spec.partition(":")
     kind = kind.strip().lower().replace("-", "_")
@@ -701,4 +705,13 @@ def get_source(spec: str, split: str = "train", *, data_dir: str | os.PathLike |
         if not root:
             raise ValueError("folder source needs a root: 'folder:/path/to/root' or data_dir=...")
         return ImageFolder(root, split, **kwargs)
-    raise ValueError(f"unknown data source {spec!r}; known: {', '.join(KNOWN_SOURCES)}")
+    # Benchmark registry last, so the names above keep their meaning (imported here: datasets imports us).
+    from bob_jax.data import datasets
+
+    name = arg if kind == "bench" else spec
+    if datasets.resolve_name(name) is not None:
+        return datasets.get_dataset(name, split, data_dir=data_dir, **kwargs)
+    raise ValueError(
+        f"unknown data source {spec!r}; known: {', '.join(KNOWN_SOURCES)}; benchmark datasets: "
+        f"{', '.join(datasets.list_datasets())}"
+    )
