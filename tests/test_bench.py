@@ -89,6 +89,99 @@ def test_analytic_resnet50_by_hand():
     assert flops.resnet_macs(Cfg, 224, 224) == 112 * 112 * 49 * 3 * 64 + 64 * 1000
 
 
+def _traced_macs(name: str, size: int, num_classes: int = 0) -> int:
+    """MACs of the convolutions and matmuls in the jaxpr of the bob_jax model, traced abstractly.
+
+    Independent of the closed forms: it counts what the model's code actually executes, from the
+    shapes of every `dot_general` (output size x contracted size) and `conv_general_dilated` (output
+    size x kernel taps x input channels per group) equation, sub-jaxprs included.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from bob_jax.backbones import _abstract, zoo
+
+    def count(jaxpr) -> int:
+        total = 0
+        for eqn in jaxpr.eqns:
+            out = math.prod(eqn.outvars[0].aval.shape) if eqn.outvars else 0
+            if eqn.primitive.name == "dot_general":
+                (contract, _), _ = eqn.params["dimension_numbers"]
+                total += out * math.prod(eqn.invars[0].aval.shape[d] for d in contract)
+            elif eqn.primitive.name == "conv_general_dilated":
+                kernel, spec = eqn.invars[1].aval.shape, eqn.params["dimension_numbers"].rhs_spec
+                total += out * kernel[spec[1]] * math.prod(kernel[d] for d in spec[2:])
+            for param in eqn.params.values():
+                sub = getattr(param, "jaxpr", param)  # ClosedJaxpr or Jaxpr
+                if hasattr(sub, "eqns"):
+                    total += count(sub)
+        return total
+
+    arch = name.partition(".")[0]
+    family = zoo.ARCH_TO_FAMILY[arch]
+    kwargs = {**zoo.ZOO[name].default_kwargs(), "num_classes": num_classes}
+    if "img_size" in family.arch_kwargs:
+        kwargs["img_size"] = size
+    graphdef, state = nnx.split(_abstract(family, arch, kwargs))
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    return count(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x)["pooled"])(state, x).jaxpr)
+
+
+# One backbone per family, plus sizes that exercise odd maps (Swin's padded merge, TF 'SAME' rounding),
+# a clamped window (Swin at 112: the last stage is smaller than the window) and register tokens.
+_TRACED = [
+    ("resnet50.a1_in1k", 224), ("vit_small_patch14_reg4_dinov2.lvd142m", 224),
+    ("eva02_small_patch14_224.mim_in22k", 224), ("convnext_tiny.fb_in1k", 224),
+    ("swin_tiny_patch4_window7_224.ms_in1k", 224), ("swin_tiny_patch4_window7_224.ms_in1k", 112),
+    ("swinv2_tiny_window8_256.ms_in1k", 256), ("tf_efficientnet_lite0.in1k", 224),
+    ("tf_efficientnet_lite0.in1k", 100), ("resnet50_clip.openai", 224),
+]
+
+
+@pytest.mark.parametrize("name,size", _TRACED)
+def test_analytic_gflops_match_traced_model(name, size, monkeypatch):
+    import jax
+
+    from bob_jax.backbones import zoo
+
+    # Off CPU, depthwise convs are one conv_general_dilated (on CPU: shifted multiply-adds the counter
+    # would not see); tracing never compiles, so claiming a GPU backend here is safe.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    got = flops.analytic_gflops(name, size)
+    assert got == pytest.approx(2 * _traced_macs(name, size) / 1e9, rel=1e-12)
+    # ... and it is the family's closed form on the config the battle builds (trunk, img_size = size).
+    arch = name.partition(".")[0]
+    family = zoo.ARCH_TO_FAMILY[arch]
+    kwargs = {**zoo.ZOO[name].default_kwargs(), "num_classes": 0}
+    if "img_size" in family.arch_kwargs:
+        kwargs["img_size"] = size
+    assert got == 2 * flops.analytic_macs(family.name, family.config(arch, kwargs), size) / 1e9
+
+
+def test_analytic_gflops_from_name_and_size():
+    # Trunk only (as the battle builds backbones): ResNet-50 8.2 GFLOPs, ViT-B/16 35.1 at 224 px.
+    assert round(flops.analytic_gflops("resnet50.a1_in1k", 224), 1) == 8.2
+    assert round(flops.analytic_gflops("vit_base_patch16_224.augreg_in1k", 224), 1) == 35.1
+    # A head adds D x classes MACs; with the benchmark's arguments it equals model_gflops.
+    with_head = flops.analytic_gflops("vit_base_patch16_224.augreg_in1k", 224, num_classes=1000)
+    assert with_head - flops.analytic_gflops("vit_base_patch16_224.augreg_in1k", 224) == pytest.approx(
+        2 * 768 * 1000 / 1e9)
+    assert with_head == flops.model_gflops("vit_base_patch16_224.augreg_in1k", 224,
+                                           {"num_classes": 1000, "img_size": 224})
+    # Token models are built at the input size: DINOv2 (img_size 518 by default) at 224 is 16 x 16 patches.
+    assert flops.analytic_gflops("vit_base_patch14_dinov2.lvd142m", 224) == pytest.approx(2 * 23.16, rel=3e-3)
+    # A bare arch, or a tag bob_jax lacks, counts the architecture's default graph.
+    assert flops.analytic_gflops("resnet50", 224) == flops.analytic_gflops("resnet50.a1_in1k", 224)
+    assert flops.analytic_gflops("resnet50.custom", 224) == flops.analytic_gflops("resnet50.a1_in1k", 224)
+    with pytest.raises(ValueError, match="unknown architecture"):
+        flops.analytic_gflops("not_a_model.x", 224)
+    with pytest.raises(ValueError, match="positive integer"):
+        flops.analytic_gflops("resnet50.a1_in1k", 0)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        flops.analytic_gflops("resnet50_clip.openai", 112)  # the model itself cannot run 112 px
+
+
 def test_cli_without_grain_tfds_ml_collections(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", _BLOCK, *TINY, "--workdir", str(tmp_path)],

@@ -13,23 +13,41 @@ Closed forms (N tokens, D width, hidden MLP width h, image H x W, p patch size):
   2 N^2 D, MLP 2 N D h (GELU MLP), 3 N D h (EVA SwiGLU: two input projections), or N D h + N D h/2
   (timm GluMlp "swiglu_packed", h = packed width); linear head.
 - Swin / SwinV2: patch embed 4x4/4 conv; per block on L = r^2 tokens of width C with windows of M^2
-  tokens (M clamped to the resolution like timm): qkv + proj 4 L C^2, attention 2 L M^2 C, MLP
-  8 L C^2; patch merging L' 4C 2C; SwinV2 adds its continuous-position-bias MLP
-  (2M-1)^2 (2*512 + 512 heads) per block.
+  tokens (M clamped to the resolution like timm, the map padded to a window multiple L_p): qkv + proj
+  4 L_p C^2, attention 2 L_p M^2 C, MLP 8 L C^2; patch merging L' 4C 2C (r' = ceil(r / 2)); SwinV2
+  adds its continuous-position-bias MLP (2M-1)^2 (2*512 + 512 heads) per block.
 - ConvNeXt: stem 4x4/4 conv; per block depthwise 7x7 (49 r^2 C) + MLP 8 r^2 C^2; 2x2/2 downsample
   convs between stages; linear head.
+- EfficientNet-Lite (TF 'SAME' padding: output side ceil(H / stride)): stem 3x3/2 conv; depthwise-
+  separable blocks dw k^2 C + pw C C_out; inverted residuals pw C (eC) at the input resolution, dw
+  k^2 (eC) and pwl (eC) C_out at the output resolution; 1x1 conv_head; linear head.
+- CLIP ResNet (anti-aliased bottlenecks): three 3x3 stem convs (the first strided) and a 2x2 average
+  pool; per block conv1 1x1 and the stride-1 conv2 3x3 at the input resolution, conv3 1x1 after the
+  2x2 pool, the shortcut's 1x1 after its (ceil-mode) pool; attention pool over N = r^2 + 1 tokens
+  computing only the mean token's output, as bob_jax does: k, v 2 N D^2, q D^2, attention 2 N D,
+  then the D x num_classes projection.
 
 ResNet-50 at 224: 4.11 GMACs = 8.2 GFLOPs; ViT-B/16: 17.57 GMACs; both match timm's published counts.
+:func:`analytic_gflops` gives the count from a backbone name and input size alone (config only, no
+parameters); tests/test_bench.py checks every closed form against the convolutions and matmuls in the
+traced jaxpr of the bob_jax model.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 
 def _conv_out(size: int, k: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - k) // stride + 1
+
+
+def _head(cfg, dim: int) -> int:
+    """Linear classifier on the pooled features ('catavgmax' pooling doubles their width)."""
+    factor = 2 if getattr(cfg, "global_pool", None) == "catavgmax" else 1
+    return dim * factor * cfg.num_classes
 
 
 def resnet_macs(cfg, h: int, w: int) -> float:
@@ -51,11 +69,7 @@ def resnet_macs(cfg, h: int, w: int) -> float:
             if b == 0:
                 macs += ho * wo * in_ch * out_ch  # downsample 1x1
             h, w, in_ch = ho, wo, out_ch
-    return macs + in_ch * cfg.num_classes
-
-
-def _head(cfg, dim: int) -> int:
-    return dim * cfg.num_classes if cfg.num_classes else 0
+    return macs + _head(cfg, in_ch)
 
 
 def vit_macs(cfg, h: int, w: int) -> float:
@@ -86,7 +100,7 @@ def swin_macs(cfg, h: int, w: int, *, v2: bool = False) -> float:
     macs = rh * rw * p * p * cfg.in_chans * c
     for s, depth in enumerate(cfg.depths):
         if s > 0:
-            rh, rw = rh // 2, rw // 2
+            rh, rw = -(-rh // 2), -(-rw // 2)  # timm pads an odd side before merging 2x2 neighbours
             macs += rh * rw * 4 * c * 2 * c  # patch merging
             c *= 2
         wh, ww = (min(r, m) for r, m in zip((rh, rw), cfg.window_size[s]))
@@ -114,6 +128,56 @@ def convnext_macs(cfg, h: int, w: int) -> float:
     return macs + _head(cfg, dims[-1])
 
 
+def efficientnet_macs(cfg, h: int, w: int) -> float:
+    """EfficientNet-Lite (timm `tf_efficientnet_lite0`): TF 'SAME' convs, output side ceil(size / stride)."""
+    h, w = -(-h // 2), -(-w // 2)
+    macs = h * w * 9 * cfg.in_chans * cfg.stem_size
+    in_ch = cfg.stem_size
+    for spec in cfg.stages:
+        for b in range(spec.repeats):
+            stride = spec.stride if b == 0 else 1
+            ho, wo = -(-h // stride), -(-w // stride)
+            k2 = spec.kernel * spec.kernel
+            if spec.block == "ds":
+                macs += ho * wo * (k2 * in_ch + in_ch * spec.out_ch)
+            else:
+                mid = in_ch * spec.expand
+                macs += h * w * in_ch * mid + ho * wo * (k2 * mid + mid * spec.out_ch)
+            h, w, in_ch = ho, wo, spec.out_ch
+    macs += h * w * in_ch * cfg.num_features
+    return macs + _head(cfg, cfg.num_features)
+
+
+def clip_resnet_macs(cfg, h: int, w: int) -> float:
+    """OpenAI CLIP ResNet (timm `resnet50_clip` ...): 3-conv stem, anti-aliased bottlenecks, attention pool."""
+    from bob_jax.models.clip_resnet import _make_divisible
+
+    s0, s1, s2 = cfg.stem_chs
+    h, w = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
+    macs = h * w * 9 * (cfg.in_chans * s0 + s0 * s1 + s1 * s2)
+    h, w = h // 2, w // 2  # 2x2 average pool (floor)
+    in_ch = s2
+    for stage, (depth, out_ch) in enumerate(zip(cfg.layers, cfg.stage_chs)):
+        mid = _make_divisible(out_ch * 0.25)
+        for b in range(depth):
+            stride = 2 if (stage > 0 and b == 0) else 1
+            if stride == 2 and (h % 2 or w % 2):
+                raise ValueError(
+                    f"a CLIP ResNet cannot run this input size: the {h}x{w} map entering stage {stage} is odd, "
+                    "so its main path (floor pool) and shortcut (ceil pool) disagree; use a multiple of 32"
+                )
+            ho, wo = (h // 2, w // 2) if stride == 2 else (h, w)
+            macs += h * w * (in_ch * mid + 9 * mid * mid)  # conv1 1x1, conv2 3x3 (stride in the pool after)
+            macs += ho * wo * mid * out_ch  # conv3 1x1
+            if stride != 1 or in_ch != out_ch:
+                hs, ws = (-(-h // 2), -(-w // 2)) if stride == 2 else (h, w)  # ceil-mode pool
+                macs += hs * ws * in_ch * out_ch
+            h, w, in_ch = ho, wo, out_ch
+    n, d = h * w + 1, in_ch
+    macs += 2 * n * d * d + d * d + 2 * n * d  # k, v over all tokens; q, attention for the mean token
+    return macs + d * cfg.num_classes
+
+
 _BY_FAMILY = {
     "resnet": resnet_macs,
     "vit": vit_macs,
@@ -121,6 +185,8 @@ _BY_FAMILY = {
     "swin": swin_macs,
     "swinv2": lambda cfg, h, w: swin_macs(cfg, h, w, v2=True),
     "convnext": convnext_macs,
+    "efficientnet": efficientnet_macs,
+    "clip_resnet": clip_resnet_macs,
 }
 
 
@@ -137,11 +203,43 @@ def model_gflops(name: str, size: int, arch_kwargs: dict | None = None) -> float
     arch = name.partition(".")[0]
     family = zoo.ARCH_TO_FAMILY.get(arch)
     if family is None:
-        raise ValueError(f"unknown architecture {arch!r}")
+        raise ValueError(f"unknown architecture {arch!r}; see bob_jax.backbones.list_backbones()")
     kwargs = dict(zoo.ZOO[name].default_kwargs()) if name in zoo.ZOO else {}
     kwargs.update(arch_kwargs or {})
     macs = analytic_macs(family.name, family.config(arch, kwargs), size)
     return None if macs is None else 2 * macs / 1e9
+
+
+@functools.lru_cache(maxsize=4096)
+def analytic_gflops(backbone_name: str, input_size: int, *, num_classes: int = 0) -> float | None:
+    """Forward GFLOPs (2 x MACs) per `input_size` x `input_size` image of backbone `arch.tag` (or `arch`).
+
+    The model is counted as bob_jax.battle builds it: the tag's config with `num_classes` (default 0:
+    the trunk without classifier) and, for token and window families, `img_size=input_size` (position
+    tables resampled, windows clamped). Only the config dataclass is built, no parameters, and results
+    are cached, so a report can call it per record. A tag bob_jax does not know falls back to its
+    architecture's defaults (the tag changes weights, not the graph). Returns None for a creatable name
+    without a closed form (a user-registered backbone); raises ValueError for an unknown architecture or
+    a size that is not a positive integer.
+    """
+    from bob_jax.backbones import zoo
+
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
+        raise ValueError(f"input_size must be a positive integer (pixels per side), got {input_size!r}")
+    arch = backbone_name.partition(".")[0]
+    family = zoo.ARCH_TO_FAMILY.get(arch)
+    if family is None:
+        from bob_jax.backbones import list_backbones
+
+        if backbone_name in list_backbones():
+            return None
+        raise ValueError(
+            f"unknown architecture {arch!r} in {backbone_name!r}; see bob_jax.backbones.list_backbones()"
+        )
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if "img_size" in family.arch_kwargs:
+        kwargs["img_size"] = input_size
+    return model_gflops(backbone_name, input_size, kwargs)
 
 
 def xla_flops(compiled) -> float | None:
