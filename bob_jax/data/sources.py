@@ -12,6 +12,7 @@ Available (`get_source(spec, split)`):
   digits          scikit-learn's bundled 8x8 digits with a fixed, library-independent stratified split
   tfds:<name>     a tensorflow-datasets ArrayRecord build read through `tfds.data_source` (no TensorFlow)
   folder:<root>   an ImageFolder tree root/<class>/<image files>
+  revisited:<name> ROxford5k / RParis6k in revisitop's layout (`bob_jax.data.revisited`)
   <name>          a benchmark dataset of `bob_jax.data.datasets` (e.g. 'cifar100', 'imagenet_a'), also
   bench:<name>    spelled with the prefix; pinned splits, preparation steps in errors
 
@@ -49,7 +50,10 @@ __all__ = [
     "seeded_subset",
 ]
 
-KNOWN_SOURCES = ("fashion_mnist", "digits", "tfds:<name>", "folder:<root>", "bench:<name>")
+KNOWN_SOURCES = (
+    "fashion_mnist", "digits", "tfds:<name>", "folder:<root>", "revisited:<roxford5k|rparis6k>",
+    "bench:<name>",
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -596,6 +600,10 @@ class ImageFolder:
     def labels(self) -> np.ndarray:
         return self._labels.copy()
 
+    def names(self) -> tuple[str, ...]:
+        """File paths relative to the root (`<class>/<file>`), in item order (class-folder retrieval)."""
+        return self.files
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": f"folder:{self.root}",
@@ -648,6 +656,10 @@ class Subset:
     def labels(self) -> np.ndarray:
         return self.source.labels()[self.indices]
 
+    def names(self) -> tuple[str, ...]:
+        names = self.source.names()  # AttributeError for a source without file names
+        return tuple(names[i] for i in self.indices)
+
     def describe(self) -> dict[str, Any]:
         desc = dict(self.source.describe())
         desc["size"] = len(self)
@@ -685,7 +697,8 @@ def seeded_subset(source, n: int, *, seed: int, stratified: bool = True) -> Subs
 
 
 def get_source(spec: str, split: str = "train", *, data_dir: str | os.PathLike | None = None, **kwargs):
-    """Build a source from a name: 'fashion_mnist', 'digits', 'tfds:<name>', 'folder:<root>', or a
+    """Build a source from a name: 'fashion_mnist', 'digits', 'tfds:<name>', 'folder:<root>',
+    'revisited:<roxford5k|rparis6k>' (data_dir holds revisitop's layout; split 'bob' or 'official'), or a
     benchmark dataset name ('cifar100', 'bench:cifar100'; `bob_jax.data.datasets.list_datasets()`).
 
     `data_dir`: Fashion-MNIST file directory, tfds data_dir, or the folder root when 'folder' has no
@@ -705,6 +718,10 @@ def get_source(spec: str, split: str = "train", *, data_dir: str | os.PathLike |
         if not root:
             raise ValueError("folder source needs a root: 'folder:/path/to/root' or data_dir=...")
         return ImageFolder(root, split, **kwargs)
+    if kind == "revisited":
+        from bob_jax.data.revisited import RevisitedSource
+
+        return RevisitedSource.from_split(data_dir, arg, split, **kwargs)
     # Benchmark registry last, so the names above keep their meaning (imported here: datasets imports us).
     from bob_jax.data import datasets
 
