@@ -16,6 +16,9 @@
   ``value``           yes       the number (empty / ``nan`` = not evaluated, left out with a warning)
   ``lower_is_better`` no        ``true``/``false`` (also ``1``/``0``, ``yes``/``no``); default false
   ``num_params``      no        parameter count (e.g. ``86e6``), used for the small-backbone tier
+  ``input_size``      no        input side in pixels the value was measured at (GFLOPs are computed for
+                                known ``arch.tag`` names at this size, :mod:`bob_jax.costs`)
+  ``gflops``          no        forward GFLOPs per image (2 x MACs), used as given
   ==================  ========  ========================================================================
 
   A row from a pool joins the z-score pool of every store record with the same (task, dataset, split,
@@ -70,7 +73,7 @@ __all__ = [
 ]
 
 POOL_COLUMNS = ("backbone", "task", "dataset", "split", "protocol", "metric", "value")
-POOL_OPTIONAL_COLUMNS = ("lower_is_better", "num_params", "metrics_per_example")
+POOL_OPTIONAL_COLUMNS = ("lower_is_better", "num_params", "input_size", "gflops", "metrics_per_example")
 SMALL_PARAMS = 30_000_000  # the paper's small tier: fewer than 30 M parameters
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,6 +150,16 @@ def pool_records(rows: Iterable[Mapping[str, Any]], source: str = "pool") -> lis
             if n <= 0 or n != int(n):
                 raise ValueError(f"{where}: num_params = {row['num_params']!r} is not a positive integer.")
             rec["num_params"] = int(n)
+        size = _parse_number(row.get("input_size"), "input_size", where, allow_missing=True)
+        if size is not None:
+            if size <= 0 or size != int(size):
+                raise ValueError(f"{where}: input_size = {row['input_size']!r} is not a positive integer.")
+            rec["input_size"] = int(size)
+        gflops = _parse_number(row.get("gflops"), "gflops", where, allow_missing=True)
+        if gflops is not None:
+            if not (math.isfinite(gflops) and gflops > 0):
+                raise ValueError(f"{where}: gflops = {row['gflops']!r} is not a positive number.")
+            rec["gflops"] = gflops
         if row.get("metrics_per_example") is not None:
             rec["metrics_per_example"] = list(row["metrics_per_example"])
         out.append(rec)

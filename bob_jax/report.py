@@ -2,17 +2,21 @@
 
 Usage::
 
-    python -m bob_jax.report --workdir DIR [--workdir DIR2 ...] [--pool FILE ...] [--out DIR]
-        [--min_backbones 3] [--bootstrap 1000] [--seed 0]
+    python -m bob_jax.report --workdir DIR [--workdir DIR2 ...] [--pool FILE ...] [--bench bench.json ...]
+        [--out DIR] [--min_backbones 3] [--bootstrap 1000] [--seed 0]
 
 reads every record under each ``DIR/results`` (:class:`bob_jax.results.ResultsStore`) and every pool file
 (published numbers, CSV or JSON lines; the format is described in :mod:`bob_jax.analysis`), ranks all
 backbones together with :func:`bob_jax.ranking.rank_backbones` and writes to ``--out`` (default: the first
 ``DIR/report``; required when only pool files are given):
 
-* ``ranking.{csv,md,png,json}``: the ranking with overall / per-task z, raw primary metrics, the pool
-  (backbones and settings standardised together, where the records came from) and the weighting; the PNG
-  shows the overall z with bootstrap error bars where available;
+* ``ranking.{csv,md,png,json}``: the ranking with overall / per-task z, raw primary metrics, cost
+  (parameters, analytic GFLOPs per image, and with ``--bench`` the measured forward img/s per device,
+  :mod:`bob_jax.costs`), the pool (backbones and settings standardised together, where the records came
+  from) and the weighting; the PNG shows the overall z with bootstrap error bars where available;
+* ``pareto.{csv,png}`` (when a scored backbone has a known cost): overall z against GFLOPs and against each
+  device's img/s, with the Pareto front (no other backbone scores higher at lower cost) drawn, flagged in the
+  CSV and listed in ``ranking.md``;
 * ``correlations.{csv,md,png}`` (two or more tasks): cross-task Spearman correlation of per-task mean z;
 * ``small_backbones.csv`` and ``params.png`` (when parameter counts are known): the < 30 M tier and overall
   z against parameter count;
@@ -31,6 +35,7 @@ absl definitions of one flag name would collide at import time.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -52,6 +57,15 @@ from bob_jax.analysis import (
     small_backbones,
     spearman,
     task_correlations,
+)
+from bob_jax.costs import (
+    Gflops,
+    Throughput,
+    arch_names,
+    gflops_per_backbone,
+    load_bench,
+    match_throughput,
+    pareto_front,
 )
 from bob_jax.ranking import Ranking, rank_backbones
 from bob_jax.results import ResultsStore, atomic_write_bytes, atomic_write_text
@@ -78,6 +92,8 @@ _OPTIONAL_FILES = (
     "small_backbones.csv",
     "params.png",
     "bootstrap.csv",
+    "pareto.csv",
+    "pareto.png",
 )
 
 
@@ -105,6 +121,14 @@ def _fmt_ci(ci: tuple[float, float] | None, spec: str = ".3f") -> str:
 
 def _fmt_params(n: int | None) -> str:
     return "" if n is None else f"{n / 1e6:.1f}M"
+
+
+def _fmt_gflops(g: Gflops | None) -> str:
+    return "" if g is None else _fmt(g.value, ".4g")
+
+
+def _fmt_img_s(t: Throughput | None) -> str:
+    return "" if t is None else _fmt(t.img_s, ".1f")
 
 
 def method_statement(ranking: Ranking) -> str:
@@ -140,13 +164,73 @@ def pool_statement(ranking: Ranking, records: Sequence[Mapping[str, Any]]) -> st
     return text + "."
 
 
+def _sizes_text(g: Gflops) -> str:
+    return ", ".join(f"{'unknown size' if s is None else f'{s} px'} x{n}" for s, n in g.sizes.items())
+
+
+def cost_statement(a: Analysis) -> str:
+    """What the cost columns mean: the GFLOPs convention and input sizes, the device behind every img/s."""
+    text = (
+        "Cost: num_params counts the trainable parameters of the backbone as evaluated; gflops is its "
+        "forward GFLOPs per image (2 x the multiply-accumulates of convolutions, linear layers and attention "
+        "matmuls, the timm/fvcore convention of bob_jax.bench.flops; a record's own gflops, else computed "
+        "from its backbone_name and input_size) at the backbone's most common input size among its records"
+    )
+    if a.gflops:
+        by_size = Counter(g.input_size for g in a.gflops.values())
+        text += " (" + ", ".join(
+            f"{n} backbone(s) at {'an unknown size' if s is None else f'{s} px'}"
+            for s, n in sorted(by_size.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+        ) + ")"
+        mixed = [(b, g) for b, g in a.gflops.items() if g.mixed_sizes]
+        if mixed:
+            text += "; records at several sizes: " + "; ".join(
+                f"{b} ({_sizes_text(g)}; {g.input_size} px used)" for b, g in mixed
+            )
+    unknown = [b for b in a.ranking.ranked if b not in a.gflops]
+    if unknown:
+        text += "; unknown (no gflops, or no input_size with a known architecture) for " + ", ".join(unknown)
+    text += ". "
+    if a.throughput:
+        parts = []
+        for label, rows in a.throughput.items():
+            t = next(iter(rows.values()))
+            files = sorted({r.source for r in rows.values()})
+            parts.append(f"{label} is the forward throughput of the bob_jax (JAX) model measured by "
+                         f"python -m bob_jax.bench on {t.device} in {t.dtype} (from {', '.join(files)}; "
+                         "batch and size per backbone in the cost table)")
+        text += "; ".join(parts) + "."
+    else:
+        text += "No measured throughput (python -m bob_jax.report --bench bench.json adds img/s per device)."
+    return text
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Everything a report shows, computed once
 # ----------------------------------------------------------------------------------------------------------
 
 
+class ParetoPanel:
+    """Overall z against one cost (backbone -> value) over the scored backbones with that cost known."""
+
+    def __init__(self, name: str, label: str, score: Mapping[str, float], cost: Mapping[str, float], *,
+                 higher_cost_is_better: bool):
+        self.name, self.label = name, label  # CSV column, axis label
+        self.backbones = list(cost)
+        self.score, self.cost = dict(score), dict(cost)
+        self.higher_cost_is_better = higher_cost_is_better
+        mask = pareto_front([score[b] for b in self.backbones], [cost[b] for b in self.backbones],
+                            higher_cost_is_better=higher_cost_is_better)
+        self.on_front = dict(zip(self.backbones, (bool(m) for m in mask), strict=True))
+        sign = -1.0 if higher_cost_is_better else 1.0
+        # Front members from the cheapest (lowest GFLOPs / highest img/s) to the best scoring.
+        self.front = sorted((b for b in self.backbones if self.on_front[b]),
+                            key=lambda b: (sign * self.cost[b], -self.score[b], b))
+
+
 class Analysis:
-    """The ranking plus the analyses of :mod:`bob_jax.analysis` for one set of records."""
+    """The ranking plus the analyses of :mod:`bob_jax.analysis` and :mod:`bob_jax.costs` for one set of
+    records (``throughput``: measurements from :func:`bob_jax.costs.load_bench`)."""
 
     def __init__(
         self,
@@ -156,10 +240,20 @@ class Analysis:
         bootstrap_resamples: int = 1000,
         seed: int = 0,
         small_threshold: int = SMALL_PARAMS,
+        throughput: Sequence[Throughput] = (),
     ):
         self.records = list(records)
         self.ranking = rank_backbones(self.records, min_backbones=min_backbones)
         self.params = param_counts(self.records)
+        self.gflops, self.cost_notes = gflops_per_backbone(self.records)
+        matched = match_throughput(
+            arch_names(self.records), list(throughput), {b: g.input_size for b, g in self.gflops.items()}
+        )
+        # label "img/s [device, dtype]" -> backbone -> measurement; a device matching no backbone is noted.
+        self.throughput = {label: rows for label, rows in matched.items() if rows}
+        self.cost_notes += [f"No backbone of this report was benchmarked for {label}; column left out."
+                            for label, rows in matched.items() if not rows]
+        self.pareto = self._pareto_panels()
         self.small_threshold = small_threshold
         self.small = small_backbones(self.ranking, self.params, small_threshold)
         self.correlations: Correlations | None = (
@@ -177,6 +271,20 @@ class Analysis:
     def scored(self) -> list[str]:
         return [b for b in self.ranking.ranked if self.ranking.overall_z[b] is not None]
 
+    def _pareto_panels(self) -> list[ParetoPanel]:
+        z = self.ranking.overall_z
+        panels = []
+        gflops = {b: self.gflops[b].value for b in self.scored if b in self.gflops}
+        if gflops:
+            panels.append(ParetoPanel("gflops", "GFLOPs per image (analytic, log scale)", z, gflops,
+                                      higher_cost_is_better=False))
+        for label, rows in self.throughput.items():
+            img_s = {b: rows[b].img_s for b in self.scored if b in rows}
+            if img_s:
+                panels.append(ParetoPanel(label, f"forward {label} (measured, log scale)", z, img_s,
+                                          higher_cost_is_better=True))
+        return panels
+
     def params_rho(self) -> tuple[float, int]:
         """Spearman rho of overall z vs parameter count over scored backbones with a known count."""
         bbs = [b for b in self.scored if b in self.params]
@@ -189,6 +297,16 @@ class Analysis:
         out["pool_statement"] = pool_statement(self.ranking, self.records)
         out["method_statement"] = method_statement(self.ranking)
         out["num_params"] = dict(self.params)
+        out["gflops"] = {
+            b: {**dataclasses.asdict(g), "sizes": {str(k or "unknown"): n for k, n in g.sizes.items()}}
+            for b, g in self.gflops.items()
+        }
+        out["throughput"] = {
+            label: {b: dataclasses.asdict(t) for b, t in rows.items()}
+            for label, rows in self.throughput.items()
+        }
+        out["pareto"] = {p.name: p.front for p in self.pareto}
+        out["cost_statement"] = cost_statement(self)
         out["small_backbones"] = {"threshold": self.small_threshold, "ranked": list(self.small)}
         if self.correlations is not None:
             c = self.correlations
@@ -211,18 +329,20 @@ def analyse(records: Iterable[Mapping[str, Any]], **kwargs) -> Analysis:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _n_rank_cols(ranking: Ranking) -> int:
-    return 7 + len(ranking.tasks)
+def _n_rank_cols(a: Analysis) -> int:
+    return 8 + len(a.throughput) + len(a.ranking.tasks)
 
 
 def _rows(a: Analysis, *, ci_cells: bool) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: rank, backbone, overall z (+CI), rank CI, params, #settings, z per task, raw values.
+    """Header and rows: rank, backbone, overall z (+CI), rank CI, params, GFLOPs, img/s per device, #settings,
+    z per task, raw values.
 
     With ``ci_cells`` the task-z and raw cells also show their interval (Markdown / console); the CSV keeps
     plain numbers there (intervals are in ``bootstrap.csv``).
     """
     ranking, boot = a.ranking, a.bootstrap
-    header = ["rank", "backbone", "overall_z", "overall_z_ci", "rank_ci", "num_params", "num_settings"]
+    header = ["rank", "backbone", "overall_z", "overall_z_ci", "rank_ci", "num_params", "gflops"]
+    header += [*a.throughput, "num_settings"]
     header += [f"z:{t}" for t in ranking.tasks]
     header += [s.setting.label for s in ranking.settings]
     rows = []
@@ -235,6 +355,8 @@ def _rows(a: Analysis, *, ci_cells: bool) -> tuple[list[str], list[list[str]]]:
             _fmt_ci(boot.overall_z.get(b) if boot else None),
             _fmt_ci(boot.rank.get(b) if boot else None, ".0f"),
             _fmt_params(a.params.get(b)),
+            _fmt_gflops(a.gflops.get(b)),
+            *(_fmt_img_s(rows.get(b)) for rows in a.throughput.values()),
             str(ranking.num_settings[b]),
         ]
         for t in ranking.tasks:
@@ -276,7 +398,7 @@ def print_ranking(analysis: Analysis, console=None) -> None:
     if console is None:
         console = _console()
     header, rows = _rows(a, ci_cells=True)
-    n_rank_cols = _n_rank_cols(ranking)
+    n_rank_cols = _n_rank_cols(a)
 
     table = Table(title="Battle of the Backbones ranking (mean z-score)")
     for j, name in enumerate(header[:n_rank_cols]):
@@ -284,6 +406,8 @@ def print_ranking(analysis: Analysis, console=None) -> None:
     for row in rows:
         table.add_row(*(escape(c) for c in row[:n_rank_cols]))
     console.print(table)
+    for line in [cost_statement(a), *_pareto_lines(a), *a.cost_notes]:
+        console.print(line, style="dim", markup=False, highlight=False)
 
     if ranking.settings:
         ids = [f"S{i}" for i in range(1, len(ranking.settings) + 1)]
@@ -372,7 +496,7 @@ def _correlation_md(c: Correlations) -> list[str]:
 def _markdown(a: Analysis) -> str:
     ranking = a.ranking
     header, rows = _rows(a, ci_cells=True)
-    n_rank_cols = _n_rank_cols(ranking)
+    n_rank_cols = _n_rank_cols(a)
     lines = ["# Battle of the Backbones ranking", ""]
     lines += [pool_statement(ranking, a.records), "", method_statement(ranking), ""]
     if a.bootstrap is not None:
@@ -381,6 +505,8 @@ def _markdown(a: Analysis) -> str:
     lines += _md_table(
         header[:n_rank_cols], [r[:n_rank_cols] for r in rows], right=[0, *range(2, n_rank_cols)]
     )
+    lines += ["", cost_statement(a), ""]
+    lines += _cost_md(a)
     lines += ["", f"## Small backbones (< {a.small_threshold / 1e6:g}M parameters)", ""]
     if a.small:
         lines += [
@@ -443,6 +569,71 @@ def _markdown(a: Analysis) -> str:
         lines += ["", "## Per-example values not used", ""]
         lines += [f"- {_md_escape(m)}" for m in a.bootstrap.notes]
     return "\n".join(lines) + "\n"
+
+
+_PARETO_SKIPPED = (
+    "Pareto plot skipped: no scored backbone has a known cost (records need gflops, or input_size with a "
+    "known backbone_name; --bench adds measured throughput)."
+)
+
+
+def _pareto_lines(a: Analysis) -> list[str]:
+    """One line per Pareto panel naming its front, cheapest first; the skip message without any panel."""
+    if not a.pareto:
+        return [_PARETO_SKIPPED]
+    lines = []
+    for p in a.pareto:
+        axis = "GFLOPs" if p.name == "gflops" else p.name
+        lines.append(f"Pareto front, overall z vs {axis} ({len(p.front)} of {len(p.backbones)} backbones, "
+                     f"cheapest first): " + ", ".join(p.front) + ".")
+    return lines
+
+
+def _cost_md(a: Analysis) -> list[str]:
+    """The cost section: per-backbone cost with its input size and benchmark settings, then the fronts."""
+    lines = ["## Cost and Pareto front", ""]
+    bbs = [b for b in a.ranking.ranked if b in a.gflops or any(b in r for r in a.throughput.values())]
+    if bbs:
+        header = ["backbone", "overall_z", "params", "input px", "gflops", "gflops from", *a.throughput]
+        table = []
+        for b in bbs:
+            g = a.gflops.get(b)
+            row = [b, _fmt(a.ranking.overall_z[b]), _fmt_params(a.params.get(b)),
+                   "" if g is None or g.input_size is None else str(g.input_size), _fmt_gflops(g),
+                   "" if g is None else g.source]
+            for rows in a.throughput.values():
+                t = rows.get(b)
+                row.append("" if t is None else f"{_fmt_img_s(t)} (batch {t.batch}, {t.size} px, {t.model})")
+            table.append(row)
+        lines += _md_table(header, table, right=(1, 2, 3, 4, *range(6, len(header))))
+        lines.append("")
+    pareto = _pareto_lines(a)
+    if a.pareto:
+        pareto = [f"- {_md_escape(line)}" for line in pareto] + ["", "See pareto.png and pareto.csv."]
+    lines += pareto
+    if a.cost_notes:
+        lines += ["", *(f"- {_md_escape(n)}" for n in a.cost_notes)]
+    return lines
+
+
+def _pareto_csv(a: Analysis) -> str:
+    """One row per scored backbone with a cost: overall z, then per cost its value and front membership."""
+    bbs = [b for b in a.scored if any(b in p.on_front for p in a.pareto)]
+    header = ["backbone", "overall_z", "num_params", "input_size"]
+    for p in a.pareto:
+        header += [p.name, f"pareto_front:{p.name}"]
+    rows = []
+    for b in bbs:
+        g = a.gflops.get(b)
+        row = [b, _fmt(a.ranking.overall_z[b], ".6g"), str(a.params.get(b, "")),
+               "" if g is None or g.input_size is None else str(g.input_size)]
+        for p in a.pareto:
+            if b in p.on_front:
+                row += [_fmt(p.cost[b], ".6g"), "yes" if p.on_front[b] else "no"]
+            else:
+                row += ["", ""]
+        rows.append(row)
+    return _csv(header, rows)
 
 
 def _bootstrap_csv(a: Analysis) -> str:
@@ -542,6 +733,42 @@ def _correlation_png(c: Correlations) -> bytes:
     return _png(fig)
 
 
+def _plain_log_x(ax, xs: Sequence[float]) -> None:
+    """Log x axis with plain numbers ("30", not "3 x 10^1"); minor ticks labelled only within a decade,
+    where there are too few major ones (over wider ranges their labels would overlap)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda x, _: f"{x:g}")
+    ax.xaxis.set_major_formatter(plain)
+    narrow = len(xs) > 0 and max(xs) < 10 * min(xs)
+    ax.xaxis.set_minor_formatter(plain if narrow else NullFormatter())
+
+
+def _pareto_png(a: Analysis) -> bytes:
+    """One panel per cost: every backbone, the front highlighted and joined as a staircase."""
+    fig = _figure((7.0 * len(a.pareto), 6.0))
+    for i, p in enumerate(a.pareto, start=1):
+        ax = fig.add_subplot(1, len(a.pareto), i)
+        xs, ys = [p.cost[b] for b in p.backbones], [p.score[b] for b in p.backbones]
+        ax.scatter(xs, ys, color="tab:blue", label="backbone")
+        fx, fy = [p.cost[b] for b in p.front], [p.score[b] for b in p.front]
+        # The staircase: between two members the best z reachable at that cost is the cheaper member's.
+        ax.step(fx, fy, where="post", color="tab:red", linewidth=1)
+        ax.scatter(fx, fy, color="tab:red", zorder=3, label="Pareto front")
+        for x, y, b in zip(xs, ys, p.backbones, strict=True):
+            ax.annotate(b, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        _plain_log_x(ax, xs)
+        ax.margins(x=0.2)  # room for the labels of the right-most points
+        ax.set_xlabel(p.label + ("; higher is better" if p.higher_cost_is_better else "; lower is better"),
+                      fontsize=8)
+        ax.set_ylabel("overall mean z-score")
+        ax.legend(fontsize=7, loc="best")
+        what = "GFLOPs (each backbone at its input size)" if p.name == "gflops" else p.name
+        ax.set_title(f"Score vs {what}, n={len(p.backbones)}", fontsize=9)
+    return _png(fig)
+
+
 def _params_png(a: Analysis) -> bytes:
     bbs = [b for b in a.scored if b in a.params]
     fig = _figure((8.0, 6.0))
@@ -552,12 +779,7 @@ def _params_png(a: Analysis) -> bytes:
     for x, y, b in zip(xs, ys, bbs):
         ax.annotate(b, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.axvline(a.small_threshold / 1e6, color="grey", linestyle="--", linewidth=0.8)
-    ax.set_xscale("log")
-    from matplotlib.ticker import FuncFormatter
-
-    plain = FuncFormatter(lambda x, _: f"{x:g}")  # "30", not "3 x 10^1"
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
+    _plain_log_x(ax, [*xs, a.small_threshold / 1e6])
     ax.margins(x=0.2)  # room for the labels of the right-most points
     ax.set_xlabel("parameters (millions, log scale); dashed: small-tier threshold")
     ax.set_ylabel("overall mean z-score")
@@ -580,13 +802,15 @@ def write_report(
     bootstrap_resamples: int = 1000,
     seed: int = 0,
     small_threshold: int = SMALL_PARAMS,
+    throughput: Sequence[Throughput] = (),
 ) -> dict[str, Path]:
     """Rank ``records`` and write the report files (module docstring) atomically into ``out_dir``.
 
     Returns a dict kind -> path with at least ``csv``, ``md``, ``png`` and ``json`` (the ranking), plus
-    ``correlations_{csv,md,png}``, ``small_csv``, ``params_png`` and ``bootstrap_csv`` when they apply.
-    ``bootstrap_resamples=0`` turns the bootstrap off. When ``console`` (a ``rich.console.Console``) is
-    given, the tables are printed to it as well.
+    ``correlations_{csv,md,png}``, ``small_csv``, ``params_png``, ``bootstrap_csv`` and ``pareto_{csv,png}``
+    when they apply. ``bootstrap_resamples=0`` turns the bootstrap off. ``throughput``: measurements from
+    :func:`bob_jax.costs.load_bench` (the benchmark harness's bench.json). When ``console`` (a
+    ``rich.console.Console``) is given, the tables are printed to it as well.
     """
     import json
 
@@ -598,6 +822,7 @@ def write_report(
         bootstrap_resamples=bootstrap_resamples,
         seed=seed,
         small_threshold=small_threshold,
+        throughput=throughput,
     )
     out = Path(out_dir)
     header, rows = _rows(a, ci_cells=False)
@@ -635,6 +860,9 @@ def write_report(
         paths["params_png"] = atomic_write_bytes(out / "params.png", _params_png(a))
     if a.bootstrap is not None:
         paths["bootstrap_csv"] = atomic_write_text(out / "bootstrap.csv", _bootstrap_csv(a))
+    if a.pareto:
+        paths["pareto_csv"] = atomic_write_text(out / "pareto.csv", _pareto_csv(a))
+        paths["pareto_png"] = atomic_write_bytes(out / "pareto.png", _pareto_png(a))
     written = {p.name for p in paths.values()}
     for name in _OPTIONAL_FILES:
         if name not in written:
@@ -662,6 +890,11 @@ def _parser():
         "--pool",
         action="append", default=[],
         help="pool file of external results, CSV or JSON lines (repeatable)",
+    )
+    p.add_argument(
+        "--bench",
+        action="append", default=[],
+        help="bench.json of python -m bob_jax.bench: adds measured forward img/s per device (repeatable)",
     )
     p.add_argument("--out", default=None, help="output directory (default: <first workdir>/report)")
     p.add_argument(
@@ -707,6 +940,13 @@ def _run(args) -> int:
         except (OSError, ValueError) as e:
             errors.print(f"[red]error:[/red] {escape(str(e))}")
             return 1
+    throughput: list[Throughput] = []
+    for bench in args.bench:
+        try:
+            throughput += load_bench(bench)
+        except (OSError, ValueError) as e:
+            errors.print(f"[red]error:[/red] {escape(str(e))}")
+            return 1
     if args.out:
         out = Path(args.out)
     elif args.workdir:
@@ -722,6 +962,7 @@ def _run(args) -> int:
             console=console,
             bootstrap_resamples=args.bootstrap,
             seed=args.seed,
+            throughput=throughput,
         )
     except ValueError as e:
         errors.print(f"[red]error:[/red] {escape(str(e))}")
