@@ -14,7 +14,7 @@ Args (`--config=configs/battle.py:key=value,...`): backbones (`+`-separated `nam
 dataset, train_size, test_size, input_size, tasks (`+`-separated).
 """
 
-from bob_jax.config_lib import battle_config, lock, parse_arg
+from bob_jax.config_lib import battle_config, expand_tasks, lock, parse_arg
 
 OFFLINE_BACKBONES = (
     "tf_efficientnet_lite0.offline@pretrained",
@@ -39,6 +39,6 @@ def get_config(arg=None):
         train_size=arg.train_size,
         test_size=arg.test_size,
         input_size=arg.input_size,
-        tasks=arg.tasks,
+        tasks=expand_tasks(arg.tasks),
     )
     return lock(config)

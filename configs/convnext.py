@@ -1,10 +1,12 @@
-"""One ConvNeXt through the frozen-feature tasks; records join the store's ranking.
+"""One ConvNeXt through the benchmark's tasks; records join the store's ranking.
 
     python -m bob_jax.main --config=configs/convnext.py --config.weights=none --workdir=runs/convnext  # offline
 
 Args (`:key=value,...`): arch (convnext_tiny | _small | _base | _xlarge), tag (fb_in1k,
 fb_in22k, fb_in22k_ft_in1k, vicregl_alpha0p75), weights, dataset, train_size, test_size,
-input_size, tasks.
+input_size,
+task (frozen | linear_probe | knn | retrieval | finetune | ood, `+`-joined; e.g.
+`:task=finetune,dataset=cifar100`), protocol.
 """
 
 from bob_jax.config_lib import backbone_config

@@ -1,4 +1,4 @@
-"""One Swin / SwinV2 backbone through the frozen-feature tasks; records join the store's ranking.
+"""One Swin / SwinV2 backbone through the benchmark's tasks; records join the store's ranking.
 
     python -m bob_jax.main --config=configs/swin.py --config.weights=none --workdir=runs/swin  # offline
     python -m bob_jax.main --config=configs/swin.py:arch=swinv2_tiny_window8_256,tag=ms_in1k --workdir=...
@@ -6,7 +6,9 @@
 Args (`:key=value,...`): arch, tag (see `bob_jax.backbones.list_backbones()`: swin_*, swinv2_*,
 MiDaS v3.1 `swinv2_*.midas_v31`), weights, dataset, train_size, test_size, input_size (0 = the
 tag's own; other sizes build the model at that img_size, with pretrained tables resized as timm
-does), tasks.
+does),
+task (frozen | linear_probe | knn | retrieval | finetune | ood, `+`-joined; e.g.
+`:task=finetune,dataset=cifar100`), protocol.
 """
 
 from bob_jax.config_lib import backbone_config

@@ -20,12 +20,15 @@ Differences to the original worth knowing:
     timm's `CosineLRScheduler` with `warmup_prefix=False`: linear from `warmup_lr` during warm-up,
     then `min_lr + (lr - min_lr) * (1 + cos(pi * t / T)) / 2` with t counted from the first update.
   * BatchNorm statistics are computed over the global batch (the original used per-GPU statistics).
-  * drop-path is not applied (the JAX models have no stochastic depth).
+  * drop-path (stochastic depth) is applied with the model's own rates: `finetune_model` creates the
+    model with `config.drop_path_rate` (BoB: 0.1). Its masks come from the per-step key, so a resumed
+    run draws the same masks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -197,6 +200,7 @@ class FinetuneConfig:
     mixup_switch_prob: float = 0.5
     label_smoothing: float = 0.1
     reprob: float = 0.25
+    drop_path_rate: float = 0.1  # applied when the model is made (`finetune_model`)
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     color_jitter: float | None = 0.4
     train_interpolation: str | None = "random"
@@ -225,6 +229,8 @@ class FinetuneConfig:
             )
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"FinetuneConfig: layer_decay must lie in (0, 1], got {self.layer_decay}.")
+        if not 0 <= self.drop_path_rate < 1:
+            raise ValueError(f"FinetuneConfig: drop_path_rate must lie in [0, 1), got {self.drop_path_rate}.")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(
                 f"FinetuneConfig: compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}."
@@ -252,15 +258,16 @@ def make_train_step(graphdef, tx, mesh, preprocess, num_classes: int, config: Fi
     """Jitted `step(params, rest, opt_state, images_uint8, labels, key) -> (params, rest, opt_state, loss)`.
 
     On the device: normalise -> random erasing (timm applies it per image after normalisation) ->
-    mixup/cutmix with label smoothing -> forward in train mode -> soft-target CE -> AdamW update.
-    `rest` holds the BatchNorm running statistics, updated by the forward pass."""
+    mixup/cutmix with label smoothing -> forward in train mode (drop-path masks from the step key) ->
+    soft-target CE -> AdamW update. `rest` holds the BatchNorm running statistics, updated by the
+    forward pass."""
     from bob_jax.backbones.preprocess import normalize
     from bob_jax.data.batch_augment import mixup_cutmix, mixup_target, random_erasing
 
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
 
     def step(params, rest, opt_state, images, labels, key):
-        k_erase, k_mix = jax.random.split(key)
+        k_erase, k_mix, k_drop = jax.random.split(key, 3)
         x = normalize(images, preprocess)
         if config.reprob > 0:
             x = random_erasing(k_erase, x, probability=config.reprob, mode="pixel")
@@ -278,7 +285,9 @@ def make_train_step(graphdef, tx, mesh, preprocess, num_classes: int, config: Fi
             # Fresh Variable objects at this trace level: merge reuses the ones it is given, and the
             # jit-level `rest` Variables may not be mutated from inside the grad trace.
             model = nnx.merge(graphdef, p, jax.tree.map(lambda v: v, rest))
-            logits = model(x)["logits"]
+            # Models without stochastic depth (e.g. user-registered ones) need not accept `rngs`.
+            kwargs = {"rngs": nnx.Rngs(dropout=k_drop)} if uses_drop_path(model) else {}
+            logits = model(x, **kwargs)["logits"]
             new_rest = nnx.split(model, nnx.Param, ...)[2]
             return soft_target_cross_entropy(logits, targets), new_rest
 
@@ -295,14 +304,23 @@ def make_train_step(graphdef, tx, mesh, preprocess, num_classes: int, config: Fi
     )
 
 
+def uses_drop_path(model: nnx.Module) -> bool:
+    """True when some `DropPath` of `model` has a positive rate (its forward then needs a key)."""
+    from bob_jax.models.layers import DropPath
+
+    return any(isinstance(m, DropPath) and m.rate > 0 for _, m in nnx.iter_modules(model))
+
+
 ECE_BINS = 15
 
 
-def make_eval_step(graphdef, mesh, preprocess, class_subset=None):
+@functools.lru_cache(maxsize=8)
+def make_eval_step(graphdef, mesh, preprocess, class_subset: tuple[int, ...] | None = None):
     """Jitted `eval(params, rest, images_uint8, labels, mask) -> masked sums` (eval-mode BatchNorm).
 
     `class_subset` (sorted class indices): only those logits are kept, as the original evaluates
-    ImageNet-A/-R with 200 of the 1000 classes; labels are then positions in the subset."""
+    ImageNet-A/-R with 200 of the 1000 classes; labels are then positions in the subset. Cached, so
+    evaluating one model on many shifted sets compiles once."""
     from bob_jax.backbones.preprocess import normalize
 
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
@@ -388,9 +406,15 @@ def reinit_head(model: nnx.Module, seed: int = 0) -> list[str]:
 
 def finetune_model(name: str, weights, num_classes: int, config: FinetuneConfig | None = None, *, seed: int = 0,
                    **kwargs) -> nnx.Module:
-    """`backbones.create(name, weights=..., num_classes=...)` with the head re-initialised (`reinit_head`)."""
+    """`backbones.create(name, weights=..., num_classes=...)` with the head re-initialised (`reinit_head`).
+
+    With `config`, the model gets its stochastic depth: `drop_path_rate=config.drop_path_rate` (an
+    explicit `drop_path_rate` keyword wins). Without, the backbone's default applies (timm's: 0.1
+    for Swin, 0 otherwise)."""
     from bob_jax import backbones
 
+    if config is not None:
+        kwargs.setdefault("drop_path_rate", config.drop_path_rate)
     model = backbones.create(name, weights=weights, seed=seed, num_classes=num_classes, **kwargs)
     reinit_head(model, seed)
     return model
@@ -405,7 +429,8 @@ def evaluate_model(model: nnx.Module, source, *, preprocess=None, batch_size: in
     model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = jax.device_put((params, rest), parallel.replicated(mesh))
-    step = make_eval_step(graphdef, mesh, preprocess, class_subset=class_subset)
+    subset = None if class_subset is None else tuple(int(i) for i in class_subset)
+    step = make_eval_step(graphdef, mesh, preprocess, class_subset=subset)
     batch_size = -(-batch_size // parallel.num_data_shards(mesh)) * parallel.num_data_shards(mesh)
     return evaluate(step, params, rest, source, preprocess, batch_size=batch_size, mesh=mesh,
                     num_threads=num_threads, label_map=label_map)
