@@ -149,7 +149,8 @@ def efficientnet_macs(cfg, h: int, w: int) -> float:
 
 
 def clip_resnet_macs(cfg, h: int, w: int) -> float:
-    """OpenAI CLIP ResNet (timm `resnet50_clip` ...): 3-conv stem, anti-aliased bottlenecks, attention pool."""
+    """OpenAI CLIP ResNet (timm `resnet50_clip` ...): 3-conv stem, anti-aliased bottlenecks, attention
+    pool."""
     from bob_jax.models.clip_resnet import _make_divisible
 
     s0, s1, s2 = cfg.stem_chs
@@ -163,8 +164,9 @@ def clip_resnet_macs(cfg, h: int, w: int) -> float:
             stride = 2 if (stage > 0 and b == 0) else 1
             if stride == 2 and (h % 2 or w % 2):
                 raise ValueError(
-                    f"a CLIP ResNet cannot run this input size: the {h}x{w} map entering stage {stage} is odd, "
-                    "so its main path (floor pool) and shortcut (ceil pool) disagree; use a multiple of 32"
+                    f"a CLIP ResNet cannot run this input size: the {h}x{w} map entering stage {stage} is "
+                    "odd, so its main path (floor pool) and shortcut (ceil pool) disagree; use a multiple of "
+                    "32"
                 )
             ho, wo = (h // 2, w // 2) if stride == 2 else (h, w)
             macs += h * w * (in_ch * mid + 9 * mid * mid)  # conv1 1x1, conv2 3x3 (stride in the pool after)
