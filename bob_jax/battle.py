@@ -79,20 +79,29 @@ class Data:
 
     @property
     def num_classes(self) -> int:
-        return int(self.train.num_classes)
+        return int((self.train if self.train is not None else self.test).num_classes)
 
 
-def load_data(cfg: ml_collections.ConfigDict) -> Data:
+def load_data(cfg: ml_collections.ConfigDict, *, train: bool = True) -> Data:
+    """`train=False`: only the evaluation source (query/database protocols; `Data.train` is None)."""
     from bob_jax.data.sources import get_source, seeded_subset
 
     kw = {"data_dir": cfg.data_dir or None}
-    train = get_source(cfg.name, cfg.train_split, **kw)
     test = get_source(cfg.name, cfg.test_split, **kw)
-    if cfg.train_size:
-        train = seeded_subset(train, cfg.train_size, seed=cfg.seed)
     if cfg.test_size:
         test = seeded_subset(test, cfg.test_size, seed=cfg.seed + 1)
+    if not train:
+        return Data(None, test, cfg.test_split)
+    train = get_source(cfg.name, cfg.train_split, **kw)
+    if cfg.train_size:
+        train = seeded_subset(train, cfg.train_size, seed=cfg.seed)
     return Data(train, test, f"{cfg.train_split}->{cfg.test_split}")
+
+
+def _needs_train(config: ml_collections.ConfigDict, frozen: list[str]) -> bool:
+    """Whether a task reads the train split: every trained task, and frozen tasks that say so (query/database
+    retrieval protocols read only the evaluation source, which may have no train split at all)."""
+    return any(t not in TASKS for t in config.tasks) or any(TASKS[t].train_needed(config[t]) for t in frozen)
 
 
 def parse_mesh(spec: str) -> dict[str, int] | None:
@@ -173,7 +182,8 @@ def _run_frozen(name, weights, label, tasks, config, data, mesh, workdir, writer
     pre = backbone_preprocess(model, config)
     num_params = int(sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
     common = {"input_size": pre.input_size, "normalization": config.normalization,
-              "train_source": data.train.describe(), "test_source": data.test.describe()}
+              "train_source": None if data.train is None else data.train.describe(),
+              "test_source": data.test.describe()}
     pending = []
     for task in tasks:
         spec = TASKS[task]
@@ -187,21 +197,33 @@ def _run_frozen(name, weights, label, tasks, config, data, mesh, workdir, writer
         return
     feature_kw = dict(preprocess=pre, batch_size=config.batch_size, mesh=mesh, cache_dir=workdir / "features",
                       num_workers=config.num_workers, progress=config.progress)
-    extracted, seconds = {}, {}
+    extracted, seconds, with_head = {}, {}, []
+
+    def model_for(output: str):
+        # "logits" (the original's retrieval descriptor of CLIP ResNets and MiDaS) needs the head that the
+        # trunk model above is built without; built once, only then.
+        if output != "logits":
+            return model
+        if not with_head:
+            with_head.append(backbones.create(name, weights=weights, seed=config.seed,
+                                              **input_size_kwargs(name, config)))
+        return with_head[0]
 
     def features(split: str, output: str):
         if (split, output) not in extracted:
             t = time.time()
             suffix = "" if output == "pooled" else f" {output}"
             extracted[split, output] = extract_features(
-                model, getattr(data, split), output=output, description=f"{label} {split}{suffix}", **feature_kw)
+                model_for(output), getattr(data, split), output=output,
+                description=f"{label} {split}{suffix}", **feature_kw)
             seconds[split, output] = time.time() - t
         return extracted[split, output]
 
     for spec, output, key, hparams in pending:
+        needs_train = spec.train_needed(config[spec.name])
         test = features("test", output)
-        train = features("train", output) if spec.needs_train else None
-        used = [("test", output)] + ([("train", output)] if spec.needs_train else [])
+        train = features("train", output) if needs_train else None
+        used = [("test", output)] + ([("train", output)] if needs_train else [])
         t = time.time()
         metrics, per_example = spec.run(
             train, test, num_classes=data.num_classes, cfg=config[spec.name], mesh=mesh,
@@ -211,7 +233,7 @@ def _run_frozen(name, weights, label, tasks, config, data, mesh, workdir, writer
         writer.write({
             "key": key, "backbone": label, "backbone_name": name, "weights": model.weights_id,
             "task": spec.name, "dataset": config.dataset.name, "split": data.split,
-            "primary_metric": spec.primary_metric, "metrics": metrics, "hparams": hparams,
+            "primary_metric": spec.primary_for(config[spec.name]), "metrics": metrics, "hparams": hparams,
             "input_size": pre.input_size, "preprocess": pre.to_dict(), "dtype": "float32",
             "feature_dim": int(test.features.shape[1]), "num_params": num_params,
             "gflops": _gflops(name, pre.input_size),
@@ -231,8 +253,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, console=
     specs = _specs(config)
     writer = _Writer(ResultsStore(workdir), config, console)
     mesh = parallel.make_mesh(parse_mesh(config.mesh))
-    data = load_data(config.dataset)
     frozen = [t for t in config.tasks if t in TASKS]
+    data = load_data(config.dataset, train=_needs_train(config, frozen))
     trained = [t for t in config.tasks if t in TRAINED]
     for name, weights, label in specs:
         if frozen:

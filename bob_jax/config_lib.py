@@ -76,6 +76,18 @@ def linear_probe_config(epochs: int = 90, warmup_epochs: int = 10, batch_size: i
     )
 
 
+def retrieval_config() -> ml_collections.ConfigDict:
+    """Training-free retrieval (bob-spec 3.6). protocol: "split" (test queries, train database, same class =
+    positive), "class_folder" (one class-folder test source: per class the first int(query_fraction * n)
+    sorted file names are queries, the rest the database; max_per_class > 0 caps each class first, as the
+    original for INSTRE / ObjectNet (50) and iNat (5)) or "revisited" (dataset revisited:<name>, mAP and
+    mP@k per difficulty, Medium ranked). descriptor: "bob" (the original's per-family choice, e.g. CLIP
+    ResNets' projected embedding) or "pooled"."""
+    return ml_collections.ConfigDict(
+        dict(ks=(1, 5, 10), protocol="split", descriptor="bob", query_fraction=0.2, max_per_class=0)
+    )
+
+
 def battle_config(
     *,
     backbones,
@@ -120,7 +132,7 @@ def battle_config(
     )
     c.linear_probe = linear_probe_config()
     c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07, extra_ks=(10, 100)))
-    c.retrieval = ml_collections.ConfigDict(dict(ks=(1, 5, 10)))
+    c.retrieval = retrieval_config()
     return c
 
 

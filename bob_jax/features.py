@@ -55,6 +55,29 @@ def register_descriptor(name: str, fn: Callable[[nnx.Module, jax.Array], jax.Arr
     DESCRIPTORS[name] = fn
 
 
+def class_token(model: nnx.Module, x: jax.Array) -> jax.Array:
+    """A ViT's class token after the final norm, before any pooling choice, fc_norm or head (projection).
+
+    timm's `forward_features(x)[:, 0]`: BoB's retrieval descriptor for CLIP ViTs, and what the MAE and
+    MoCo v3 models of `hsouri/bob-retrieval` return from `forward_features` (`norm(x)[:, 0]`). Equal to
+    "pooled" under class-token pooling without fc_norm; a model built with global_pool='avg' differs.
+    """
+    cfg = getattr(model, "cfg", None)
+    name = getattr(model, "name", type(model).__name__)
+    if not getattr(cfg, "class_token", False) or not hasattr(model, "norm"):
+        raise ValueError(f"descriptor 'cls_token' needs a ViT with a class token; {name} has none")
+    if model.norm is None:
+        raise ValueError(
+            f"{name} was built with fc_norm (no final norm over the tokens), so there is no normed class "
+            "token; build it with fc_norm=False or use the 'pooled' output"
+        )
+    last = model(x, intermediates=True)["intermediates"][f"blocks.{len(model.blocks) - 1}"]["cls"]
+    return model.norm(last)  # LayerNorm acts per token: norm(x)[:, 0] == norm(x[:, 0])
+
+
+register_descriptor("cls_token", class_token)
+
+
 def _descriptor(model: nnx.Module, x: jax.Array, output: str) -> jax.Array:
     if output in DESCRIPTORS:
         return DESCRIPTORS[output](model, x)

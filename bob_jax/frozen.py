@@ -32,16 +32,23 @@ class FrozenTask:
     `output` names the features the task reads (a model output key or a descriptor registered in
     `bob_jax.features.DESCRIPTORS`), or is `output(model, cfg) -> name` when it depends on the backbone;
     the job extracts each distinct output once. `needs_train=False`: `train` is None (query/database
-    protocols that read only the evaluation split)."""
+    protocols that read only the evaluation split). `primary_metric` and `needs_train` may also be
+    functions of the task's config section (e.g. the retrieval protocol)."""
 
     name: str
-    primary_metric: str
+    primary_metric: str | Callable[[Mapping[str, Any]], str]
     run: Callable[..., tuple[dict[str, float], np.ndarray | None]]
     output: str | Callable[[Any, Mapping[str, Any]], str] = "pooled"
-    needs_train: bool = True
+    needs_train: bool | Callable[[Mapping[str, Any]], bool] = True
 
     def output_for(self, model, cfg: Mapping[str, Any]) -> str:
         return self.output if isinstance(self.output, str) else self.output(model, cfg)
+
+    def primary_for(self, cfg: Mapping[str, Any]) -> str:
+        return self.primary_metric if isinstance(self.primary_metric, str) else self.primary_metric(cfg)
+
+    def train_needed(self, cfg: Mapping[str, Any]) -> bool:
+        return self.needs_train if isinstance(self.needs_train, bool) else bool(self.needs_train(cfg))
 
 
 def linear_probe(train: Features, test: Features, *, num_classes: int, cfg: Mapping[str, Any], mesh, workdir,
@@ -73,16 +80,50 @@ def knn(train: Features, test: Features, *, num_classes: int, cfg: Mapping[str, 
 
 def retrieval(train: Features, test: Features, *, num_classes: int, cfg: Mapping[str, Any], mesh, workdir,
               progress: bool, sources: DataSplits | None = None) -> tuple[dict[str, float], np.ndarray | None]:
-    from bob_jax.evaluate.retrieval import retrieval_metrics
+    """`cfg.protocol`: "split" (test queries, train database), "class_folder" (one class-folder source split
+    per class by sorted file name) or "revisited" (ROxford / RParis ground truth); per-query AP returned."""
+    from bob_jax.evaluate import retrieval as R
 
-    metrics, per_query = retrieval_metrics(
-        test.features, train.features, test.labels, train.labels, ks=tuple(cfg["ks"]), return_per_query=True
-    )
-    return metrics, per_query["AP_revisited"]
+    protocol, ks = R.check_protocol(cfg["protocol"]), tuple(cfg["ks"])
+    if protocol == "split":
+        metrics, per_query = R.retrieval_metrics(
+            test.features, train.features, test.labels, train.labels, ks=ks, return_per_query=True
+        )
+        return metrics, per_query["AP_revisited"]
+    if protocol == "class_folder":
+        metrics, per_query = R.class_folder_retrieval(
+            test.features, test.labels, R.source_names(sources.test), ks=ks,
+            query_fraction=float(cfg["query_fraction"]), max_per_class=int(cfg["max_per_class"]) or None,
+        )
+        return metrics, per_query["AP_revisited"]
+    return R.revisited_task(test, sources.test, ks=ks)
+
+
+def retrieval_primary(cfg: Mapping[str, Any]) -> str:
+    return "mAP_medium" if cfg["protocol"] == "revisited" else "mAP_revisited"  # BoB's numbers
+
+
+def retrieval_needs_train(cfg: Mapping[str, Any]) -> bool:
+    from bob_jax.evaluate.retrieval import check_protocol
+
+    return check_protocol(cfg["protocol"]) == "split"
+
+
+def retrieval_output(model, cfg: Mapping[str, Any]) -> str:
+    """`descriptor`: "bob" (the original's choice per backbone family) or "pooled"."""
+    from bob_jax.evaluate.retrieval import bob_descriptor
+
+    if cfg["descriptor"] == "pooled":
+        return "pooled"
+    if cfg["descriptor"] == "bob":
+        return bob_descriptor(model)
+    raise ValueError(f"retrieval.descriptor={cfg['descriptor']!r}: use 'bob' (the original's per-family "
+                     "descriptor) or 'pooled'")
 
 
 TASKS = {
     "linear_probe": FrozenTask("linear_probe", "top1", linear_probe),
     "knn": FrozenTask("knn", "top1", knn),
-    "retrieval": FrozenTask("retrieval", "mAP_revisited", retrieval),
+    "retrieval": FrozenTask("retrieval", retrieval_primary, retrieval, output=retrieval_output,
+                            needs_train=retrieval_needs_train),
 }

@@ -72,9 +72,11 @@ def _locate(data_dir: str | os.PathLike | None, name: str) -> Path:
 
 def _index_array(value: Any, what: str, num_database: int) -> np.ndarray:
     arr = np.asarray(value)
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if not np.issubdtype(arr.dtype, np.floating) or not np.all(arr == np.round(arr)):
-            raise ValueError(f"{what} must hold integer database indices, got {arr.dtype} values")
+    whole = np.issubdtype(arr.dtype, np.integer) or (
+        np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr))  # e.g. an empty float list
+    )
+    if arr.size and not whole:
+        raise ValueError(f"{what} must hold integer database indices, got {arr.dtype} values")
     arr = arr.astype(np.int64).reshape(-1)
     if arr.size and (arr.min() < 0 or arr.max() >= num_database):
         raise ValueError(f"{what} holds indices outside [0, {num_database}) (the database size)")

@@ -34,7 +34,12 @@ from typing import Literal
 import numpy as np
 
 __all__ = [
+    "DIFFICULTIES",
+    "RETRIEVAL_PROTOCOLS",
     "average_precision_trapezoid",
+    "bob_descriptor",
+    "check_protocol",
+    "class_folder_retrieval",
     "class_folder_split",
     "l2_normalize",
     "metrics_from_scores",
@@ -44,6 +49,9 @@ __all__ = [
     "revisited_ground_truth",
     "revisited_map",
     "revisited_per_query",
+    "revisited_retrieval",
+    "revisited_task",
+    "source_names",
 ]
 
 _log = logging.getLogger(__name__)
@@ -312,9 +320,12 @@ def class_folder_split(
 
     Per class (classes in sorted label order): sort the class's file names (plain string order), optionally
     keep only the first ``max_per_class`` of them (BoB: INSTRE-S1 and ObjectNet <= 50, iNat val <= 5 per
-    class), then the first ``max(1, floor(query_fraction * n))`` are queries and the rest the database.
-    ``TwoLeveldataset`` itself is not in the public BoB code, so the rounding (floor, at least one query) and
-    the truncation-before-split order are this implementation's reading of the paper's description.
+    class; the items past the cap are dropped from queries *and* database), then the first
+    ``int(query_fraction * n)`` are queries and the rest the database -- ``TwoLeveldataset``'s
+    ``till = int((len(files) * qvs) // 1)`` in ``bob-retrieval/retrieval/utils.py``. A class with
+    ``n < 1 / query_fraction`` items (``n < 5`` at the default 0.2) therefore yields **no query**; its items
+    stay in the database as distractors for the other classes' queries. Every query has at least one
+    same-class database item (``int(f * n) < n``).
 
     Args:
       names: one file name (or path) per item; only their order within a class matters.
@@ -323,8 +334,7 @@ def class_folder_split(
       max_per_class: optional cap on items per class, applied before splitting.
 
     Returns:
-      ``(query_idx, db_idx)``: int64 indices into ``names``, ordered by (class, name). A class with a single
-      item yields a query without positives (skipped by the metrics).
+      ``(query_idx, db_idx)``: int64 indices into ``names``, ordered by (class, name).
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(names) != labels.shape[0]:
@@ -343,7 +353,7 @@ def class_folder_split(
         members = sorted(members.tolist(), key=lambda i: str(names[i]))
         if max_per_class is not None:
             members = members[:max_per_class]
-        n_query = max(1, int(np.floor(query_fraction * len(members))))
+        n_query = int(len(members) * query_fraction)  # BoB's float product, truncated
         query_idx.extend(members[:n_query])
         db_idx.extend(members[n_query:])
     return np.asarray(query_idx, dtype=np.int64), np.asarray(db_idx, dtype=np.int64)
@@ -469,3 +479,159 @@ def revisited_evaluate(
     return {
         d: revisited_map(ranks, revisited_ground_truth(gnd, d), kappas) for d in ("easy", "medium", "hard")
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Protocols: the descriptors of one evaluation source -> metrics (what the retrieval task reports)
+# ----------------------------------------------------------------------------------------------------------
+
+DIFFICULTIES: tuple[Difficulty, ...] = ("easy", "medium", "hard")
+
+
+def class_folder_retrieval(
+    descriptors: np.ndarray,
+    labels: np.ndarray,
+    names: Sequence[str],
+    *,
+    query_fraction: float = 0.2,
+    max_per_class: int | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """BoB's class-folder retrieval (CUB-200, INSTRE-S1, ObjectNet, iNat): one source split into queries and
+    database by :func:`class_folder_split`, then :func:`retrieval_metrics` with same class = positive.
+
+    ``descriptors``, ``labels`` and ``names`` describe the same items in the same order. Returns the metrics
+    (plus ``num_queries`` / ``num_database``) and the per-query arrays, in query order.
+    """
+    descriptors = np.asarray(descriptors)
+    labels = np.asarray(labels)
+    if descriptors.ndim != 2 or descriptors.shape[0] != labels.shape[0] or len(names) != labels.shape[0]:
+        raise ValueError(
+            f"need one descriptor, label and name per item: got descriptors {descriptors.shape}, labels "
+            f"{labels.shape} and {len(names)} names."
+        )
+    query_idx, db_idx = class_folder_split(names, labels, query_fraction, max_per_class=max_per_class)
+    if query_idx.size == 0:
+        raise ValueError(
+            f"no class yields a query: int({query_fraction} * n) is 0 for every class size n (largest "
+            f"{int(np.max(np.unique(labels, return_counts=True)[1], initial=0))}). Use a dataset with more "
+            "images per class, or a larger query_fraction."
+        )
+    metrics, per_query = retrieval_metrics(
+        descriptors[query_idx], descriptors[db_idx], labels[query_idx], labels[db_idx], ks=ks,
+        return_per_query=True,
+    )
+    metrics.update(num_queries=int(query_idx.size), num_database=int(db_idx.size))
+    return metrics, per_query
+
+
+def revisited_retrieval(
+    query_desc: np.ndarray,
+    db_desc: np.ndarray,
+    gnd: Sequence[Mapping],
+    *,
+    kappas: Sequence[int] = (1, 5, 10),
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Revisited Oxford / Paris on descriptors: rank the database per query, evaluate every difficulty.
+
+    ``gnd`` is revisitop's ``cfg["gnd"]`` (one ``easy/hard/junk`` dict per query, database indices). Returns
+    flat metrics ``"{name}_{difficulty}"`` for ``mAP``, ``P@k`` (revisitop's mP@k), ``R@k`` and ``MRR``
+    (BoB's additions) with difficulty ``easy``, ``medium`` (BoB's number), ``hard``; and per-query arrays
+    keyed the same way (``AP_medium``, ...), NaN for a query without positives at that difficulty.
+    """
+    kappas = _check_ks(kappas, "kappas")
+    if len(gnd) != np.asarray(query_desc).shape[0]:
+        raise ValueError(
+            f"{np.asarray(query_desc).shape[0]} query descriptors but {len(gnd)} ground-truth entries; the "
+            "queries must be exactly the ground truth's qimlist, in order."
+        )
+    ranks = rank_database(query_desc, db_desc)
+    metrics: dict[str, float] = {}
+    per_query: dict[str, np.ndarray] = {}
+    for difficulty in DIFFICULTIES:
+        per = revisited_per_query(ranks, revisited_ground_truth(gnd, difficulty), kappas)
+        per_query.update({f"{name}_{difficulty}": values for name, values in per.items()})
+        means = _aggregate(per, kappas, map_keys={"AP": "mAP"})  # what revisited_map returns
+        metrics.update({f"{name}_{difficulty}": value for name, value in means.items()})
+    return metrics, per_query
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The retrieval task's protocols and the original's descriptor per backbone family
+# ----------------------------------------------------------------------------------------------------------
+
+RETRIEVAL_PROTOCOLS = ("split", "class_folder", "revisited")
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in RETRIEVAL_PROTOCOLS:
+        raise ValueError(
+            f"retrieval protocol {protocol!r}: use 'split' (test queries against the train database), "
+            "'class_folder' (one class-folder source, the first int(0.2 n) sorted names per class are "
+            "queries) or "
+            "'revisited' (ROxford5k / RParis6k, dataset 'revisited:<name>')"
+        )
+    return protocol
+
+
+def source_names(source) -> Sequence[str]:
+    """The evaluation source's file names (class-folder protocol); a clear error for sources without them."""
+    names = getattr(source, "names", None)
+    if names is None:
+        raise ValueError(
+            f"the class_folder retrieval protocol sorts each class by file name, but {source!r} has no file "
+            "names; use a class-folder dataset: --config.dataset.name=folder:<root> with test_split=all"
+        )
+    return names()
+
+
+def revisited_task(test, source, *, ks: Sequence[int]) -> tuple[dict[str, float], np.ndarray]:
+    """The retrieval task on a :class:`~bob_jax.data.revisited.RevisitedSource`: ``test`` holds the features
+    of the whole source (database, then queries). Returns the metrics of :func:`revisited_retrieval` plus
+    ``num_queries`` / ``num_database``, and the per-query Medium AP."""
+    from bob_jax.data.revisited import RevisitedSource
+
+    if not isinstance(source, RevisitedSource):
+        raise ValueError(
+            "the revisited retrieval protocol needs the whole revisited source (dataset "
+            f"'revisited:roxford5k' or 'revisited:rparis6k', test_size=0), got {source!r}"
+        )
+    if not np.array_equal(np.asarray(test.labels), source.labels()):
+        raise ValueError(
+            f"the features ({len(test.labels)} rows) do not follow {source!r}'s database-then-queries order"
+        )
+    n = source.num_database
+    metrics, per_query = revisited_retrieval(test.features[n:], test.features[:n], source.gnd, kappas=ks)
+    metrics.update(num_queries=source.num_queries, num_database=n)
+    return metrics, per_query["AP_medium"]
+
+
+def bob_descriptor(model) -> str:
+    """The feature output that reproduces the original's retrieval descriptor for ``model``.
+
+    Read from ``hsouri/bob-retrieval`` (``retrieval/main_ret.py``, ``utils.extract_features``, ``models/``):
+
+    * timm models (supervised, DINO, ...) run ``timm.create_model(arch, num_classes=0)(x)``: ``"pooled"``.
+    * CLIP ViTs: ``forward_features(x)[:, 0, :]``, the class token after the final norm and before the
+      visual projection. MAE and MoCo v3 ViTs: their own ``forward_features``, which already return
+      ``norm(x)[:, 0]`` (``models/vit_mae.py`` with its default ``global_pool=False``; ``models/mocov3.py``,
+      whose ``pre_logits`` is the identity) -- no token sequence is pooled or flattened. This class token is
+      ``"pooled"`` when the model pools its class token without fc_norm (the same array, extracted once for
+      every task), else the registered ``"cls_token"`` descriptor.
+    * CLIP ResNets: ``forward_features`` is the attention pool *with* its output projection, CLIP's image
+      embedding, which is these models' ``"logits"``.
+    * MiDaS encoders: ``model(x)`` through the 1000-way ImageNet head the DPT checkpoint still holds:
+      ``"logits"`` (bob-spec 5.1).
+    * VICReg ResNet-50 (its own avgpool output) and everything else: ``"pooled"``.
+    """
+    from bob_jax.backbones import zoo
+
+    arch, _, tag = str(model.name).partition(".")
+    family = zoo.ARCH_TO_FAMILY.get(arch)
+    family = family.name if family is not None else ""
+    if family == "vit" and ("_clip_" in arch or tag in ("mae", "mocov3")):
+        cfg = model.cfg
+        return "pooled" if cfg.global_pool == "token" and not cfg.use_fc_norm else "cls_token"
+    if family == "clip_resnet" or tag == "midas_v31":
+        return "logits"
+    return "pooled"

@@ -274,22 +274,24 @@ def test_class_folder_split():
     ]
     labels = np.array([1, 0, 0, 1, 0, 1, 0, 0, 2, 0, 1])
     qi, di = R.class_folder_split(names, labels, 0.2)
-    # class 0: a0..a5 (6 items) -> floor(1.2) = 1 query (a0); class 1: b0..b3 -> max(1, floor(0.8)) = 1 (b0);
-    # class 2: a single item becomes a query without database positives.
-    assert [names[i] for i in qi] == ["a0.jpg", "b0.jpg", "c1.jpg"]
+    # BoB's int(0.2 * n): class 0, a0..a5 (6 items) -> 1 query (a0); class 1 (4 items) and class 2 (1 item)
+    # -> no query, their items stay in the database.
+    assert [names[i] for i in qi] == ["a0.jpg"]
     assert [names[i] for i in di] == [
         "a1.jpg",
         "a2.jpg",
         "a3.jpg",
         "a4.jpg",
         "a5.jpg",
+        "b0.jpg",
         "b1.jpg",
         "b2.jpg",
         "b3.jpg",
+        "c1.jpg",
     ]
     qi, di = R.class_folder_split(names, labels, 0.5, max_per_class=4)
-    assert [names[i] for i in qi] == ["a0.jpg", "a1.jpg", "b0.jpg", "b1.jpg", "c1.jpg"]
-    assert [names[i] for i in di] == ["a2.jpg", "a3.jpg", "b2.jpg", "b3.jpg"]
+    assert [names[i] for i in qi] == ["a0.jpg", "a1.jpg", "b0.jpg", "b1.jpg"]
+    assert [names[i] for i in di] == ["a2.jpg", "a3.jpg", "b2.jpg", "b3.jpg", "c1.jpg"]
     with pytest.raises(ValueError, match="query_fraction"):
         R.class_folder_split(names, labels, 1.0)
     with pytest.raises(ValueError, match="one label per name"):
