@@ -76,6 +76,28 @@ def linear_probe_config(epochs: int = 90, warmup_epochs: int = 10, batch_size: i
     )
 
 
+def linear_multihead_config(protocol: str = "bob") -> ml_collections.ConfigDict:
+    """DINOv2's linear evaluation (bob_jax.tasks.linear_multihead): 13 base lrs x batch / 256, n last class
+    tokens in {1, 4} with/without avgpool, SGD momentum 0.9, cosine over epochs x epoch_length iterations,
+    global batch 1024; chosen on a seeded, stratified held-out 10 % of train. Protocols other than "bob"
+    (reduced CPU runs) train 10 x 100 iterations at batch 128."""
+    full = protocol == "bob"
+    return ml_collections.ConfigDict(dict(
+        base_lrs=(1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1),
+        n_last_blocks=(1, 4), avgpool=(False, True), epochs=10, epoch_length=1250 if full else 100,
+        batch_size=1024 if full else 128, momentum=0.9, init_std=0.01, val_fraction=0.1, seed=0,
+    ))
+
+
+def multilabel_probe_config() -> ml_collections.ConfigDict:
+    """Multi-label linear probe (bob_jax.tasks.multilabel_probe): sigmoid BCE, AdamW with BoB's CheXpert
+    values (lr 1e-3, wd 1e-3, cosine to 1e-5 after warm-up), standardised features, mean AUROC."""
+    return ml_collections.ConfigDict(dict(
+        epochs=50, warmup_epochs=5, batch_size=256, lr=1e-3, min_lr=1e-5, weight_decay=1e-3, standardize=True,
+        init_std=0.01, seed=0,
+    ))
+
+
 def retrieval_config() -> ml_collections.ConfigDict:
     """Training-free retrieval (bob-spec 3.6). protocol: "split" (test queries, train database, same class =
     positive), "class_folder" (one class-folder test source: per class the first int(query_fraction * n)
@@ -133,6 +155,8 @@ def battle_config(
     c.linear_probe = linear_probe_config()
     c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07, extra_ks=(10, 100)))
     c.retrieval = retrieval_config()
+    c.linear_multihead = linear_multihead_config(protocol)
+    c.multilabel_probe = multilabel_probe_config()
     return c
 
 

@@ -28,9 +28,10 @@ from bob_jax.backbones.preprocess import Preprocess, normalize
 @dataclasses.dataclass(frozen=True)
 class Features:
     features: np.ndarray  # [N, D] float32
-    labels: np.ndarray  # [N] int32
+    labels: np.ndarray  # [N] int32 class ids, or [N, L] float32 0/1 targets of a multi-label source
     key: str
     cached: bool = False
+    output: str = "pooled"  # the model output key or registered descriptor the features come from
 
 
 def cache_key(model: nnx.Module, source_info: dict, preprocess: Preprocess, output: str) -> str:
@@ -125,7 +126,7 @@ def extract_features(
     path = pathlib.Path(cache_dir) / f"{key}.npz" if cache_dir else None
     if path is not None and path.exists():
         with np.load(path) as f:
-            return Features(f["features"], f["labels"], key, cached=True)
+            return Features(f["features"], f["labels"], key, cached=True, output=output)
 
     mesh = mesh or parallel.make_mesh()
     shards = parallel.num_data_shards(mesh)
@@ -141,12 +142,24 @@ def extract_features(
             out = embed(state, parallel.shard_batch({"image": batch["image"]}, mesh)["image"])
             keep = batch["mask"]
             feats.append(np.asarray(out, np.float32)[keep])
-            labels.append(batch["label"][keep].astype(np.int32))
+            labels.append(_labels(batch["label"][keep]))
             advance()
-    result = Features(np.concatenate(feats), np.concatenate(labels), key)
+    result = Features(np.concatenate(feats), np.concatenate(labels), key, output=output)
     if path is not None:
         _save_atomic(path, result)
     return result
+
+
+def _labels(batch_labels: np.ndarray) -> np.ndarray:
+    """Class ids [B] -> int32; multi-label targets [B, L] (a vector label per example) -> float32."""
+    batch_labels = np.asarray(batch_labels)
+    if batch_labels.ndim == 1:
+        return batch_labels.astype(np.int32)
+    if batch_labels.ndim == 2:
+        return batch_labels.astype(np.float32)
+    raise ValueError(
+        f"labels must be class ids [B] or multi-label targets [B, L]; got shape {batch_labels.shape}"
+    )
 
 
 def _save_atomic(path: pathlib.Path, feats: Features) -> None:

@@ -3,7 +3,8 @@
 A task entry names its primary metric (what the ranking scores) and turns the task's config
 section into keyword arguments. A task returns `(metrics, per_example)`: `per_example` holds the
 primary metric per test example (or None), which the report resamples for bootstrap intervals. Linear probe (BoB/MAE recipe, LARS), kNN (DINO temperature
-weighting) and retrieval (test queries against the train database, same class = positive).
+weighting), retrieval (test queries against the train database, same class = positive), DINOv2's
+multi-head linear evaluation and a multi-label (CheXpert-style, mean AUROC) linear probe.
 """
 
 from __future__ import annotations
@@ -121,9 +122,46 @@ def retrieval_output(model, cfg: Mapping[str, Any]) -> str:
                      "descriptor) or 'pooled'")
 
 
+def linear_multihead(train: Features, test: Features, *, num_classes: int, cfg: Mapping[str, Any], mesh,
+                     workdir, progress: bool,
+                     sources: DataSplits | None = None) -> tuple[dict[str, float], np.ndarray | None]:
+    from bob_jax.tasks.linear_multihead import MultiHeadConfig, run_linear_multihead
+
+    if train.output != test.output:
+        raise ValueError(f"linear_multihead: train features are {train.output!r}, test {test.output!r}")
+    return run_linear_multihead(
+        train.features, train.labels, test.features, test.labels, num_classes=num_classes,
+        output=train.output, config=MultiHeadConfig(**dict(cfg)), mesh=mesh, workdir=workdir,
+    )
+
+
+def _multihead_output(model, cfg: Mapping[str, Any]) -> str:
+    # Imported here: importing the task module registers its descriptor before the job extracts it.
+    from bob_jax.tasks.linear_multihead import feature_output
+
+    return feature_output(model, cfg)
+
+
+def multilabel_probe(train: Features, test: Features, *, num_classes: int, cfg: Mapping[str, Any], mesh,
+                     workdir, progress: bool,
+                     sources: DataSplits | None = None) -> tuple[dict[str, float], np.ndarray | None]:
+    from bob_jax.tasks.multilabel_probe import MultilabelProbeConfig, label_names, run_multilabel_probe
+
+    names = label_names(np.shape(test.labels)[-1], None if sources is None else sources.test)
+    metrics, _ = run_multilabel_probe(
+        train.features, train.labels, test.features, test.labels,
+        config=MultilabelProbeConfig(**dict(cfg)), mesh=mesh, names=names,
+    )
+    return metrics, None  # AUROC is not a mean over examples: no per-example values to resample
+
+
 TASKS = {
     "linear_probe": FrozenTask("linear_probe", "top1", linear_probe),
     "knn": FrozenTask("knn", "top1", knn),
     "retrieval": FrozenTask("retrieval", retrieval_primary, retrieval, output=retrieval_output,
                             needs_train=retrieval_needs_train),
+    # DINOv2's linear evaluation: a grid of heads, chosen on a held-out part of train (token models read
+    # the last four class tokens + mean patch token, other models their pooled feature).
+    "linear_multihead": FrozenTask("linear_multihead", "top1", linear_multihead, output=_multihead_output),
+    "multilabel_probe": FrozenTask("multilabel_probe", "mean_auroc", multilabel_probe),
 }
