@@ -32,19 +32,25 @@ RANDOM = "random"
 
 
 def parse_backbone(spec: str, override: str = "") -> tuple[str, str | None, str]:
-    """`name@weights` -> (name, weights for create(), label used in results and rankings).
+    """`[label=]name@weights` -> (name, weights for create(), label used in results and rankings).
 
     weights: `pretrained` (default), `random` (alias `none`: the source framework's random init) or
-    a file path; a non-empty `override` (config.weights) replaces every entry's weights.
-    Random-init models are labelled `name@random` so they never merge with the pretrained ones.
+    a file path; a non-empty `override` (config.weights) replaces every entry's weights. The label is
+    the zoo name unless given (a pool name such as `vit_base_in1k`, under which the `bob` config set
+    files per-task checkpoints). Random-init models are labelled `<label>@random` so they never merge
+    with the pretrained ones.
     """
-    name, _, weights = spec.partition("@")
+    label, eq, rest = spec.partition("=")
+    if not eq:
+        label, rest = "", spec
+    name, _, weights = rest.partition("@")
+    label = label or name
     weights = override or weights or "pretrained"
     if weights in (RANDOM, "none"):
-        return name, None, f"{name}@{RANDOM}"
+        return name, None, f"{label}@{RANDOM}"
     if weights == "pretrained":
-        return name, "pretrained", name
-    return name, weights, f"{name}@{pathlib.Path(weights).name}"
+        return name, "pretrained", label
+    return name, weights, f"{label}@{pathlib.Path(weights).name}"
 
 
 def backbone_preprocess(model, config: ml_collections.ConfigDict) -> Preprocess:
@@ -76,6 +82,7 @@ class Data:
     train: Any
     test: Any
     split: str
+    name: str  # the setting's dataset name: the dataset, plus `/<k>shot` or `/<f>frac` for few-shot
 
     @property
     def num_classes(self) -> int:
@@ -91,11 +98,16 @@ def load_data(cfg: ml_collections.ConfigDict, *, train: bool = True) -> Data:
     if cfg.test_size:
         test = seeded_subset(test, cfg.test_size, seed=cfg.seed + 1)
     if not train:
-        return Data(None, test, cfg.test_split)
-    train = get_source(cfg.name, cfg.train_split, **kw)
+        return Data(None, test, cfg.test_split, cfg.name)
+    n_shot = float(cfg.n_shot)  # k per class (>= 1) or a per-class fraction (< 1) of the training split
+    train_kw = {**kw, "n_shot": int(n_shot) if n_shot >= 1 else n_shot} if n_shot else kw
+    train = get_source(cfg.name, cfg.train_split, **train_kw)
     if cfg.train_size:
         train = seeded_subset(train, cfg.train_size, seed=cfg.seed)
-    return Data(train, test, f"{cfg.train_split}->{cfg.test_split}")
+    name = cfg.name
+    if n_shot:
+        name += f"/{int(n_shot)}shot" if n_shot >= 1 else f"/{n_shot:g}frac"
+    return Data(train, test, f"{cfg.train_split}->{cfg.test_split}", name)
 
 
 def _needs_train(config: ml_collections.ConfigDict, frozen: list[str]) -> bool:
@@ -121,11 +133,11 @@ def _check_weights(specs) -> None:
 
 
 def _specs(config: ml_collections.ConfigDict) -> list[tuple[str, str | None, str]]:
-    from bob_jax.trained import TRAINED
+    from bob_jax.trained import TRAINED_TASKS
 
-    unknown = [t for t in config.tasks if t not in TASKS and t not in TRAINED]
+    unknown = [t for t in config.tasks if t not in TASKS and t not in TRAINED_TASKS]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; available: {sorted({*TASKS, *TRAINED})}")
+        raise ValueError(f"unknown task(s) {unknown}; available: {sorted({*TASKS, *TRAINED_TASKS})}")
     known = backbones.list_backbones()
     specs = [parse_backbone(spec, config.weights) for spec in config.backbones]
     bad = [name for name, _, _ in specs if name not in known]
@@ -189,7 +201,7 @@ def _run_frozen(name, weights, label, tasks, config, data, mesh, workdir, writer
         spec = TASKS[task]
         output = spec.output_for(model, config[task])
         hparams = {**common, "task": config[task].to_dict(), "output": output}
-        key = run_key(label, model.weights_id, task, config.dataset.name, data.split, config.protocol,
+        key = run_key(label, model.weights_id, task, data.name, data.split, config.protocol,
                       config.seed, hparams)
         if not writer.skip(key, f"{label} / {task}"):
             pending.append((spec, output, key, hparams))
@@ -232,7 +244,7 @@ def _run_frozen(name, weights, label, tasks, config, data, mesh, workdir, writer
         )
         writer.write({
             "key": key, "backbone": label, "backbone_name": name, "weights": model.weights_id,
-            "task": spec.name, "dataset": config.dataset.name, "split": data.split,
+            "task": spec.name, "dataset": data.name, "split": data.split,
             "primary_metric": spec.primary_for(config[spec.name]), "metrics": metrics, "hparams": hparams,
             "input_size": pre.input_size, "preprocess": pre.to_dict(), "dtype": "float32",
             "feature_dim": int(test.features.shape[1]), "num_params": num_params,
@@ -244,10 +256,12 @@ def _run_frozen(name, weights, label, tasks, config, data, mesh, workdir, writer
         })
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, console=None) -> dict[str, Any]:
-    """Run the battle described by `config` into `workdir`; returns the report paths and ranking."""
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, console=None, *,
+        report: bool = True) -> dict[str, Any]:
+    """Run the battle described by `config` into `workdir`; returns the report paths (when `report`:
+    every record of the store ranked) and the store's records."""
+    from bob_jax import trained
     from bob_jax.report import write_report
-    from bob_jax.trained import TRAINED
 
     workdir = pathlib.Path(workdir)
     specs = _specs(config)
@@ -255,15 +269,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, console=
     mesh = parallel.make_mesh(parse_mesh(config.mesh))
     frozen = [t for t in config.tasks if t in TASKS]
     data = load_data(config.dataset, train=_needs_train(config, frozen))
-    trained = [t for t in config.tasks if t in TRAINED]
+    # Fine-tuning and OOD evaluation of the fine-tuned classifier share one training run.
+    trained_tasks = [t for t in config.tasks if t in trained.TRAINED_TASKS]
     for name, weights, label in specs:
         if frozen:
             _run_frozen(name, weights, label, frozen, config, data, mesh, workdir, writer)
-        for task in trained:
-            TRAINED[task].run(name, weights, label, config=config, data=data, mesh=mesh, workdir=workdir,
-                              writer=writer)
+        if trained_tasks:
+            trained.run(name, weights, label, trained_tasks, config=config, data=data, mesh=mesh,
+                        workdir=workdir, writer=writer)
     records = writer.store.records()
-    paths = write_report(records, workdir / "report", console=console)
+    paths = write_report(records, workdir / "report", console=console) if report else {}
     return {"paths": paths, "records": records}
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import ml_collections
 
+from bob_jax import trained
+
 
 def _cast(key: str, value: str, default: Any) -> Any:
     if isinstance(default, bool):
@@ -150,6 +152,9 @@ def battle_config(
             test_size=test_size,
             seed=0,
             data_dir="",
+            # Few-shot / semi-supervised training subset of a benchmark dataset (bob_jax.data.datasets):
+            # k examples per class (>= 1) or a fraction (< 1) as the original's --n_shot; 0: all.
+            n_shot=0.0,
         )
     )
     c.linear_probe = linear_probe_config()
@@ -157,7 +162,29 @@ def battle_config(
     c.retrieval = retrieval_config()
     c.linear_multihead = linear_multihead_config(protocol)
     c.multilabel_probe = multilabel_probe_config()
+    c.finetune, c.ood = trained.section_defaults(protocol)
     return c
+
+
+# Task configs: a name any backbone config combines with (`:task=finetune`) -> the job's task list.
+# `ood` fine-tunes and evaluates the fine-tuned classifier on shifted test sets (`config.ood.shifts`).
+TASK_PRESETS = {
+    "frozen": ("linear_probe", "knn", "retrieval"),
+    "linear_probe": ("linear_probe",),
+    "knn": ("knn",),
+    "retrieval": ("retrieval",),
+    "finetune": ("finetune",),
+    "ood": ("finetune", "ood"),
+}
+
+
+def expand_tasks(task: str | tuple[str, ...]) -> tuple[str, ...]:
+    """`"finetune+knn"` or a tuple of names -> the job's task names (presets expanded, order kept)."""
+    names = task.split("+") if isinstance(task, str) else task
+    out: list[str] = []
+    for name in (n.strip() for n in names if n.strip()):
+        out.extend(t for t in TASK_PRESETS.get(name, (name,)) if t not in out)
+    return tuple(out)
 
 
 def backbone_config(
@@ -169,18 +196,36 @@ def backbone_config(
     test_size: int = 1000,
     input_size: int = 112,
 ) -> ml_collections.ConfigDict:
-    """One family's config file: one backbone (`arch.tag`) through the frozen-feature tasks.
+    """One family's config file: one backbone (`arch.tag`) through the tasks of the benchmark.
 
-    Declared args: arch, tag, weights (pretrained | random | none | path), dataset, train_size,
-    test_size, input_size (0 = the tag's own), tasks (`+`-separated). The defaults run offline on
-    the embedded Fashion-MNIST subset with `--config.weights=none`.
+    Declared args: arch, tag, weights (pretrained | random | none | path), task (a task config:
+    frozen (default) | linear_probe | knn | retrieval | finetune | ood, or any task name, `+`-joined),
+    dataset, train_size, test_size, input_size (0 = the tag's own), protocol (default: `local` for
+    reduced data or input size, else `bob`). The defaults run offline on the embedded Fashion-MNIST
+    subset with `--config.weights=none`.
     """
     a = parse_arg(
-        arg, arch=arch, tag=tag, weights="pretrained", dataset="fashion_mnist", train_size=train_size,
-        test_size=test_size, input_size=input_size, tasks=("linear_probe", "knn", "retrieval"),
+        arg, arch=arch, tag=tag, weights="pretrained", task="frozen", dataset="fashion_mnist",
+        train_size=train_size, test_size=test_size, input_size=input_size, protocol="",
     )
     config = battle_config(
         backbones=(f"{a.arch}.{a.tag}@{a.weights}",), dataset=a.dataset, train_size=a.train_size,
-        test_size=a.test_size, input_size=a.input_size, tasks=a.tasks,
+        test_size=a.test_size, input_size=a.input_size, tasks=expand_tasks(a.task), protocol=a.protocol or None,
+    )
+    return lock(config)
+
+
+def task_config(arg: str | None, *, task: str, backbones: tuple[str, ...], **defaults) -> ml_collections.ConfigDict:
+    """A task config file (`configs/tasks/<task>.py`): the task over a list of backbones.
+
+    Declared args: backbones (`+`-separated `[label=]name@weights`), dataset, train_size, test_size,
+    input_size, protocol; `defaults` override their defaults (the offline Fashion-MNIST subset)."""
+    spec = dict(backbones=backbones, dataset="fashion_mnist", train_size=2000, test_size=1000, input_size=112,
+                protocol="")
+    spec.update(defaults)
+    a = parse_arg(arg, **spec)
+    config = battle_config(
+        backbones=a.backbones, dataset=a.dataset, train_size=a.train_size, test_size=a.test_size,
+        input_size=a.input_size, tasks=expand_tasks(task), protocol=a.protocol or None,
     )
     return lock(config)
