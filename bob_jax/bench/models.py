@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from bob_jax.bench.flops import model_gflops, xla_flops
+from bob_jax.models.layers import uses_drop_path
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Dense peak of the device's tensor cores per compute dtype (TFLOP/s); MFU is left empty elsewhere.
@@ -147,7 +148,9 @@ def _train_benchmark(model, *, batch, size, dtype, warmup, repeats, iters, num_c
         # Fresh Variable objects at this (grad) trace level: BatchNorm may then update its statistics.
         rest = jax.tree.map(lambda a: a, rest)
         m = nnx.merge(graphdef, params, rest)
-        logits = m(x)["logits"].astype(jnp.float32)
+        # Stochastic depth in train mode as timm's (Swin's default drop_path_rate is 0.1): one fixed key.
+        kwargs = {"rngs": nnx.Rngs(dropout=0)} if uses_drop_path(m) else {}
+        logits = m(x, **kwargs)["logits"].astype(jnp.float32)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, nnx.state(m, nnx.Not(nnx.Param))
 

@@ -14,7 +14,8 @@ Source: timm `timm/models/byobnet.py` (`ByobNet` with `model_cfgs['resnet*_clip'
   output of the mean token is the pooled feature (`pre_logits`), `proj` of it the CLIP image
   embedding (timm's logits; `num_classes` is the embedding width).
 Attribute names mirror timm's module tree, so the key table (`bob_jax.convert.clip_resnet`) is an
-identity up to Flax's parameter names. BatchNorm eps 1e-5.
+identity up to Flax's parameter names. BatchNorm eps 1e-5. Stochastic depth (timm's ByobNet, not in
+OpenAI's original): each bottleneck's `drop_path` after `conv3_1x1`, rates linear over all blocks.
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ from flax import nnx
 
 from bob_jax.models import init as init_lib
 from bob_jax.models.init import trunc_normal
-from bob_jax.models.layers import batch_norm, conv2d, linear, to_2tuple, torch_padding
+from bob_jax.models.layers import (
+    batch_norm,
+    conv2d,
+    drop_path_or_none,
+    drop_path_rates,
+    dropout_key,
+    linear,
+    to_2tuple,
+    torch_padding,
+)
 from bob_jax.models.pos_embed import resample_abs_pos_embed
 
 
@@ -48,6 +58,7 @@ class ClipResNetConfig:
     in_chans: int = 3
     img_size: tuple[int, int] = (224, 224)  # fixes the attention-pool pos_embed grid (img_size // 32)
     global_pool: str = "token"
+    drop_path_rate: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "img_size", to_2tuple(self.img_size))
@@ -87,7 +98,7 @@ ARCHS = {
     "resnet50x64_clip": _arch((3, 15, 36, 10), 2.0, 1024, 448),
 }
 # The keyword arguments timm.create_model accepts for these models that we implement.
-ARCH_KWARGS = ("num_classes", "in_chans", "img_size", "global_pool")
+ARCH_KWARGS = ("num_classes", "in_chans", "img_size", "global_pool", "drop_path_rate")
 
 
 def avg_pool_2x2(x, *, ceil_mode: bool = False):
@@ -155,7 +166,8 @@ class DownsampleAvg(nnx.Module):
 
 
 class BottleneckBlock(nnx.Module):
-    def __init__(self, in_ch: int, out_ch: int, stride: int, *, rngs: nnx.Rngs):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, drop_path: float = 0.0, stream: int = 0, *,
+                 rngs: nnx.Rngs):
         mid = _make_divisible(out_ch * 0.25)
         if stride != 1 or in_ch != out_ch:
             self.shortcut = DownsampleAvg(in_ch, out_ch, stride, rngs=rngs)
@@ -164,10 +176,13 @@ class BottleneckBlock(nnx.Module):
         self.conv1_1x1 = ConvNormAct(in_ch, mid, 1, rngs=rngs)
         self.conv2_kxk = ConvNormAct(mid, mid, 3, stride=stride, aa=True, rngs=rngs)
         self.conv3_1x1 = ConvNormAct(mid, out_ch, 1, act=False, rngs=rngs)
+        self.drop_path = drop_path_or_none(drop_path, stream)
 
-    def __call__(self, x):
+    def __call__(self, x, key=None):
         shortcut = x if self.shortcut is None else self.shortcut(x)
         x = self.conv3_1x1(self.conv2_kxk(self.conv1_1x1(x)))
+        if self.drop_path is not None:
+            x = self.drop_path(x, key)
         return jax.nn.relu(x + shortcut)
 
 
@@ -207,12 +222,14 @@ class ClipResNet(nnx.Module):
         self.cfg = cfg
         self.stem = Stem(cfg.in_chans, cfg.stem_chs, rngs=rngs)
         in_ch = cfg.stem_chs[-1]
-        stages = []
+        rates = drop_path_rates(cfg.drop_path_rate, sum(cfg.layers))
+        stages, k = [], 0
         for i, (depth, out_ch) in enumerate(zip(cfg.layers, cfg.stage_chs)):
             blocks = []
             for b in range(depth):
-                blocks.append(BottleneckBlock(in_ch, out_ch, 2 if (i > 0 and b == 0) else 1, rngs=rngs))
-                in_ch = out_ch
+                stride = 2 if (i > 0 and b == 0) else 1
+                blocks.append(BottleneckBlock(in_ch, out_ch, stride, rates[k], k, rngs=rngs))
+                in_ch, k = out_ch, k + 1
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)
         self.num_features = in_ch
@@ -227,13 +244,15 @@ class ClipResNet(nnx.Module):
         """Stride -> channels of each map in `out['features']` (timm's feature_info)."""
         return dict(self._feature_info)
 
-    def __call__(self, x, *, intermediates: bool = False):
+    def __call__(self, x, *, intermediates: bool = False, rngs: nnx.Rngs | None = None):
+        """`rngs` (`nnx.Rngs(dropout=key)`) drives stochastic depth in train mode; eval ignores it."""
+        key = dropout_key(rngs)
         x, stem_map = self.stem(x)
         features = {2: stem_map}
         inter = {"stem": x}
         for i, stage in enumerate(self.stages):
             for b, block in enumerate(stage):
-                x = block(x)
+                x = block(x, key)
                 inter[f"stages.{i}.{b}"] = x
             features[4 * 2**i] = x
         pooled, logits = self.head(x)

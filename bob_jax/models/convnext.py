@@ -6,13 +6,14 @@ mirror timm's module tree, so the converter table (`bob_jax.convert.convnext`) i
   stem.0 (conv 4x4/4, bias) -> stem.1 (LayerNorm2d, eps 1e-6)
   stages.i.downsample.{0,1} (LayerNorm2d, conv 2x2/2, bias; stages 1..3 only)
   stages.i.blocks.j: conv_dw 7x7 depthwise pad 3 (bias) -> norm (LN 1e-6) -> mlp.fc1 (4x) -> exact
-    GELU -> mlp.fc2 -> x gamma (layer scale) -> + identity
+    GELU -> mlp.fc2 -> x gamma (layer scale) -> drop_path (stochastic depth) -> + identity
   head (FB order, `head_norm_first=False`): global pool -> head.norm (LN) -> head.fc
   `head_norm_first=True`: norm_pre (LN) on the map -> global pool -> head.fc
 
 timm's LayerNorm2d normalises over channels of an NCHW map, i.e. a plain channels-last LayerNorm on
 our NHWC maps; `conv_mlp=True` (1x1-conv MLP with LayerNorm2d) is the same computation, only its
-fc weights are stored as [out, in, 1, 1] (the converter reshapes them).
+fc weights are stored as [out, in, 1, 1] (the converter reshapes them). Stochastic depth rates rise
+linearly over all blocks (`layers.drop_path_rates`), as timm's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,16 @@ from flax import nnx
 
 from bob_jax.models import init as init_lib
 from bob_jax.models import layers
-from bob_jax.models.layers import POOL_DIM_FACTOR, DepthwiseConv2d, conv2d, global_pool, linear
+from bob_jax.models.layers import (
+    POOL_DIM_FACTOR,
+    DepthwiseConv2d,
+    conv2d,
+    drop_path_or_none,
+    drop_path_rates,
+    dropout_key,
+    global_pool,
+    linear,
+)
 
 LN_EPS = 1e-6
 _NO_PAD = ((0, 0), (0, 0))
@@ -42,6 +52,7 @@ class ConvNeXtConfig:
     ls_init_value: float = 1e-6
     head_norm_first: bool = False
     conv_mlp: bool = False
+    drop_path_rate: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
@@ -82,8 +93,7 @@ ARCHS = {
     "convnext_large": _variant((3, 3, 27, 3), (192, 384, 768, 1536)),
     "convnext_xlarge": _variant((3, 3, 27, 3), (256, 512, 1024, 2048)),
 }
-# timm.create_model keyword arguments we implement. Not drop_path_rate: the port is eval-only
-# (stochastic depth is not implemented), so passing it raises TypeError.
+# timm.create_model keyword arguments we implement (others, e.g. drop_rate, raise TypeError).
 ARCH_KWARGS = (
     "num_classes",
     "in_chans",
@@ -93,6 +103,7 @@ ARCH_KWARGS = (
     "ls_init_value",
     "head_norm_first",
     "conv_mlp",
+    "drop_path_rate",
 )
 
 
@@ -122,19 +133,23 @@ class Mlp(nnx.Module):
 
 
 class ConvNeXtBlock(nnx.Module):
-    def __init__(self, dim: int, ls_init_value: float, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, ls_init_value: float, drop_path: float = 0.0, stream: int = 0, *,
+                 rngs: nnx.Rngs):
         self.conv_dw = DepthwiseConv2dBias(dim, 7, padding=((3, 3), (3, 3)), rngs=rngs)
         self.norm = layer_norm(dim, rngs=rngs)
         self.mlp = Mlp(dim, 4 * dim, rngs=rngs)
         self.gamma = nnx.Param(jnp.full((dim,), ls_init_value, jnp.float32))
+        self.drop_path = drop_path_or_none(drop_path, stream)
 
-    def __call__(self, x):
+    def __call__(self, x, key=None):
         y = self.mlp(self.norm(self.conv_dw(x)))
-        return x + y * self.gamma[...].astype(y.dtype)
+        y = y * self.gamma[...].astype(y.dtype)
+        return x + (y if self.drop_path is None else self.drop_path(y, key))
 
 
 class ConvNeXtStage(nnx.Module):
-    def __init__(self, in_ch: int, out_ch: int, depth: int, downsample: bool, ls_init_value, *, rngs):
+    def __init__(self, in_ch: int, out_ch: int, downsample: bool, ls_init_value, drop_paths,
+                 first_stream: int, *, rngs):
         if downsample:
             # nn.Sequential(LayerNorm2d, Conv2d 2x2/2): keys `downsample.0`, `downsample.1`.
             self.downsample = nnx.List(
@@ -145,7 +160,8 @@ class ConvNeXtStage(nnx.Module):
             )
         else:
             self.downsample = None
-        self.blocks = nnx.List([ConvNeXtBlock(out_ch, ls_init_value, rngs=rngs) for _ in range(depth)])
+        self.blocks = nnx.List([ConvNeXtBlock(out_ch, ls_init_value, rate, first_stream + j, rngs=rngs)
+                                for j, rate in enumerate(drop_paths)])
 
 
 class NormHead(nnx.Module):
@@ -174,8 +190,11 @@ class ConvNeXt(nnx.Module):
             ]
         )
         stages, prev = [], d[0]
+        rates = drop_path_rates(cfg.drop_path_rate, sum(cfg.depths))
         for i in range(4):
-            stages.append(ConvNeXtStage(prev, d[i], cfg.depths[i], i > 0, cfg.ls_init_value, rngs=rngs))
+            first = sum(cfg.depths[:i])
+            stage_rates = rates[first : first + cfg.depths[i]]
+            stages.append(ConvNeXtStage(prev, d[i], i > 0, cfg.ls_init_value, stage_rates, first, rngs=rngs))
             prev = d[i]
         self.stages = nnx.List(stages)
         if cfg.head_norm_first:
@@ -194,14 +213,16 @@ class ConvNeXt(nnx.Module):
         """Stride -> channels of each map in `out['features']`."""
         return dict(self._feature_info)
 
-    def __call__(self, x, *, intermediates: bool = False):
+    def __call__(self, x, *, intermediates: bool = False, rngs: nnx.Rngs | None = None):
+        """`rngs` (`nnx.Rngs(dropout=key)`) drives stochastic depth in train mode; eval ignores it."""
+        key = dropout_key(rngs)
         x = self.stem[1](self.stem[0](x))
         features, inter = {}, {"stem": x}
         for i, stage in enumerate(self.stages):
             if stage.downsample is not None:
                 x = stage.downsample[1](stage.downsample[0](x))
             for b, block in enumerate(stage.blocks):
-                x = block(x)
+                x = block(x, key)
                 inter[f"stages.{i}.blocks.{b}"] = x
             features[4 * 2**i] = x
         if self.norm_pre is not None:

@@ -4,7 +4,9 @@ Source: timm `timm/models/efficientnet.py` (`_gen_efficientnet_lite`) and
 `_efficientnet_blocks.py` (`DepthwiseSeparableConv`, `InvertedResidual`). The `tf_` weights were
 trained in TensorFlow: their convolutions use TF 'SAME' padding (timm's `Conv2dSame`, extra pad at
 bottom/right), which is exactly XLA's 'SAME', and BatchNorm epsilon 1e-3. Lite variants drop
-squeeze-excite, use ReLU6 and keep the stem (32) and head (1280) widths fixed.
+squeeze-excite, use ReLU6 and keep the stem (32) and head (1280) widths fixed. Stochastic depth
+(`drop_path_rate`) follows timm's EfficientNet builder: block k of n gets rate * k / n, and only
+blocks with a skip connection apply it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ import jax
 from flax import nnx
 
 from bob_jax.models import init as init_lib
-from bob_jax.models.layers import POOL_DIM_FACTOR, DepthwiseConv2d, batch_norm, conv2d, global_pool, linear
+from bob_jax.models.layers import (
+    POOL_DIM_FACTOR,
+    DepthwiseConv2d,
+    batch_norm,
+    conv2d,
+    drop_path_or_none,
+    dropout_key,
+    global_pool,
+    linear,
+)
 
 BN_EPS_TF = 1e-3
 
@@ -51,6 +62,11 @@ class EfficientNetConfig:
     num_classes: int = 1000
     in_chans: int = 3
     global_pool: str = "avg"
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.drop_path_rate <= 1.0:
+            raise ValueError(f"drop_path_rate must lie in [0, 1], got {self.drop_path_rate}")
 
     @classmethod
     def tf_efficientnet_lite0(cls, **kw):
@@ -58,30 +74,35 @@ class EfficientNetConfig:
 
 
 ARCHS = {"tf_efficientnet_lite0": EfficientNetConfig.tf_efficientnet_lite0}
-ARCH_KWARGS = ("num_classes", "in_chans", "global_pool")
+ARCH_KWARGS = ("num_classes", "in_chans", "global_pool", "drop_path_rate")
 
 
 def _relu6(x):
     return jax.nn.relu6(x)
 
 
+def _residual(x, shortcut, drop_path, key):
+    return (x if drop_path is None else drop_path(x, key)) + shortcut
+
+
 class DepthwiseSeparableConv(nnx.Module):
-    def __init__(self, in_ch, out_ch, kernel, stride, *, rngs):
+    def __init__(self, in_ch, out_ch, kernel, stride, drop_path=0.0, stream=0, *, rngs):
         self.conv_dw = DepthwiseConv2d(in_ch, kernel, stride=stride, padding="SAME", rngs=rngs)
         self.bn1 = batch_norm(in_ch, eps=BN_EPS_TF, rngs=rngs)
         self.conv_pw = conv2d(in_ch, out_ch, 1, padding="SAME", rngs=rngs)
         self.bn2 = batch_norm(out_ch, eps=BN_EPS_TF, rngs=rngs)
         self.has_skip = stride == 1 and in_ch == out_ch
+        self.drop_path = drop_path_or_none(drop_path, stream)  # timm builds it even without a skip
 
-    def __call__(self, x):
+    def __call__(self, x, key=None):
         shortcut = x
         x = _relu6(self.bn1(self.conv_dw(x)))
         x = self.bn2(self.conv_pw(x))
-        return x + shortcut if self.has_skip else x
+        return _residual(x, shortcut, self.drop_path, key) if self.has_skip else x
 
 
 class InvertedResidual(nnx.Module):
-    def __init__(self, in_ch, out_ch, kernel, stride, expand, *, rngs):
+    def __init__(self, in_ch, out_ch, kernel, stride, expand, drop_path=0.0, stream=0, *, rngs):
         mid = in_ch * expand
         self.conv_pw = conv2d(in_ch, mid, 1, padding="SAME", rngs=rngs)
         self.bn1 = batch_norm(mid, eps=BN_EPS_TF, rngs=rngs)
@@ -90,13 +111,14 @@ class InvertedResidual(nnx.Module):
         self.conv_pwl = conv2d(mid, out_ch, 1, padding="SAME", rngs=rngs)
         self.bn3 = batch_norm(out_ch, eps=BN_EPS_TF, rngs=rngs)
         self.has_skip = stride == 1 and in_ch == out_ch
+        self.drop_path = drop_path_or_none(drop_path, stream)
 
-    def __call__(self, x):
+    def __call__(self, x, key=None):
         shortcut = x
         x = _relu6(self.bn1(self.conv_pw(x)))
         x = _relu6(self.bn2(self.conv_dw(x)))
         x = self.bn3(self.conv_pwl(x))
-        return x + shortcut if self.has_skip else x
+        return _residual(x, shortcut, self.drop_path, key) if self.has_skip else x
 
 
 class EfficientNet(nnx.Module):
@@ -111,17 +133,19 @@ class EfficientNet(nnx.Module):
         stages = []
         in_ch, stride_total = cfg.stem_size, 2
         feature_info = {}
+        k, n = 0, sum(spec.repeats for spec in cfg.stages)
         for spec in cfg.stages:
             blocks = []
             for b in range(spec.repeats):
                 stride = spec.stride if b == 0 else 1
+                rate = cfg.drop_path_rate * k / n  # timm's EfficientNet builder rule
                 if spec.block == "ds":
-                    blocks.append(DepthwiseSeparableConv(in_ch, spec.out_ch, spec.kernel, stride, rngs=rngs))
+                    blocks.append(DepthwiseSeparableConv(in_ch, spec.out_ch, spec.kernel, stride, rate, k,
+                                                         rngs=rngs))
                 else:
-                    blocks.append(
-                        InvertedResidual(in_ch, spec.out_ch, spec.kernel, stride, spec.expand, rngs=rngs)
-                    )
-                in_ch = spec.out_ch
+                    blocks.append(InvertedResidual(in_ch, spec.out_ch, spec.kernel, stride, spec.expand,
+                                                   rate, k, rngs=rngs))
+                in_ch, k = spec.out_ch, k + 1
             stages.append(nnx.List(blocks))
             stride_total *= spec.stride
             # timm's feature_info taps the last block before each stride change (and the last stage).
@@ -140,13 +164,15 @@ class EfficientNet(nnx.Module):
         """Stride -> channels of each map in `out['features']`."""
         return dict(self._feature_info)
 
-    def __call__(self, x, *, intermediates: bool = False):
+    def __call__(self, x, *, intermediates: bool = False, rngs: nnx.Rngs | None = None):
+        """`rngs` (`nnx.Rngs(dropout=key)`) drives stochastic depth in train mode; eval ignores it."""
+        key = dropout_key(rngs)
         x = _relu6(self.bn1(self.conv_stem(x)))
         stride = 2
         features, inter = {}, {"stem": x}
         for s, (spec, stage) in enumerate(zip(self.cfg.stages, self.blocks)):
             for b, block in enumerate(stage):
-                x = block(x)
+                x = block(x, key)
                 inter[f"blocks.{s}.{b}"] = x
             stride *= spec.stride
             features[stride] = x  # a later stage at the same stride overwrites: timm taps the last

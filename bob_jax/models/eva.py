@@ -14,6 +14,7 @@ What distinguishes the variants (porting.md section 8, 14b, 15 item 8):
   h-frequencies then w-frequencies, positions rescaled to `ref_feat_shape` (16x16 = 224/14).
 - `global_pool='avg'` (the default): no final `norm`, mean over patch tokens then `fc_norm`.
   `'token'`: final `norm`, cls token. LayerNorm eps 1e-6 everywhere, no layer scale.
+- Stochastic depth: block i's `drop_path1` / `drop_path2` use `drop_path_rate * i / (depth - 1)`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from flax import nnx
 
 from bob_jax.models import init as init_lib
 from bob_jax.models import layers
-from bob_jax.models.layers import conv2d, linear, to_2tuple
+from bob_jax.models.layers import conv2d, drop_path_or_none, drop_path_rates, dropout_key, linear, to_2tuple
 
 LN_EPS = 1e-6
 POOLS = ("avg", "max", "avgmax", "token")
@@ -51,6 +52,7 @@ class EvaConfig:
     scale_mlp: bool = False
     use_rot_pos_emb: bool = True
     ref_feat_shape: tuple[int, int] | None = (16, 16)
+    drop_path_rate: float = 0.0
 
     @classmethod
     def make(cls, **kw) -> EvaConfig:
@@ -103,7 +105,7 @@ ARCHS = {
 }
 ARCH_KWARGS = (
     "num_classes", "global_pool", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
-    "qkv_fused", "swiglu_mlp", "scale_mlp", "use_rot_pos_emb", "ref_feat_shape", "in_chans",
+    "qkv_fused", "swiglu_mlp", "scale_mlp", "use_rot_pos_emb", "ref_feat_shape", "in_chans", "drop_path_rate",
 )
 
 
@@ -232,10 +234,11 @@ class Mlp(nnx.Module):
 
 
 class EvaBlock(nnx.Module):
-    def __init__(self, cfg: EvaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: EvaConfig, drop_path: float = 0.0, index: int = 0, *, rngs: nnx.Rngs):
         d = cfg.embed_dim
         self.norm1 = _layer_norm(d, rngs)
         self.attn = EvaAttention(cfg, rngs=rngs)
+        self.drop_path1 = drop_path_or_none(drop_path, 2 * index)
         self.norm2 = _layer_norm(d, rngs)
         if not cfg.swiglu_mlp:
             mlp_cls = Mlp
@@ -244,10 +247,13 @@ class EvaBlock(nnx.Module):
         else:
             mlp_cls = GluMlp
         self.mlp = mlp_cls(d, cfg.mlp_hidden, cfg.scale_mlp, rngs=rngs)
+        self.drop_path2 = drop_path_or_none(drop_path, 2 * index + 1)
 
-    def __call__(self, x, rope):
-        x = x + self.attn(self.norm1(x), rope)
-        return x + self.mlp(self.norm2(x))
+    def __call__(self, x, rope, key=None):
+        y = self.attn(self.norm1(x), rope)
+        x = x + (y if self.drop_path1 is None else self.drop_path1(y, key))
+        y = self.mlp(self.norm2(x))
+        return x + (y if self.drop_path2 is None else self.drop_path2(y, key))
 
 
 class PatchEmbed(nnx.Module):
@@ -277,7 +283,8 @@ class Eva(nnx.Module):
         self.patch_embed = PatchEmbed(cfg, rngs=rngs)
         self.cls_token = nnx.Param(jnp.zeros((1, 1, d), jnp.float32))
         self.pos_embed = nnx.Param(jnp.zeros((1, 1 + gh * gw, d), jnp.float32))
-        self.blocks = nnx.List([EvaBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        rates = drop_path_rates(cfg.drop_path_rate, cfg.depth)
+        self.blocks = nnx.List([EvaBlock(cfg, rates[i], i, rngs=rngs) for i in range(cfg.depth)])
         # timm: fc_norm after pooling with 'avg', final `norm` otherwise (the other is Identity).
         use_fc_norm = cfg.global_pool == "avg"
         self.norm = None if use_fc_norm else _layer_norm(d, rngs)
@@ -291,7 +298,9 @@ class Eva(nnx.Module):
         """Stride -> channels of each map in `out['features']`."""
         return dict(self._feature_info)
 
-    def __call__(self, x, *, intermediates: bool = False):
+    def __call__(self, x, *, intermediates: bool = False, rngs: nnx.Rngs | None = None):
+        """`rngs` (`nnx.Rngs(dropout=key)`) drives stochastic depth in train mode; eval ignores it."""
+        key = dropout_key(rngs)
         cfg = self.cfg
         b, h, w, _ = x.shape
         if (h, w) != cfg.img_size:
@@ -307,7 +316,7 @@ class Eva(nnx.Module):
         rope = rope_table(cfg.grid_size, cfg.head_dim, cfg.ref_feat_shape) if cfg.use_rot_pos_emb else None
         inter = {}
         for i, block in enumerate(self.blocks):
-            x = block(x, rope)
+            x = block(x, rope, key)
             if intermediates:
                 inter[f"blocks.{i}"] = {"cls": x[:, 0], "patch": x[:, 1:].reshape(b, gh, gw, d)}
         features = {cfg.patch_size: x[:, 1:].reshape(b, gh, gw, d)}

@@ -3,6 +3,7 @@
 Convolutions take explicit padding tuples (PyTorch pads symmetrically; XLA's 'SAME' pads the
 bottom/right more for stride 2 on even inputs and is only right for TF-ported weights), BatchNorm
 uses PyTorch's momentum and epsilon with a two-pass variance, and pooling pads with -inf.
+`DropPath` is timm's stochastic depth, stateless: its randomness is a key passed to the forward.
 """
 
 from __future__ import annotations
@@ -132,3 +133,66 @@ def global_pool(x, pool_type: str = "avg"):
 
 
 POOL_DIM_FACTOR = {"avg": 1, "max": 1, "avgmax": 1, "catavgmax": 2}
+
+
+def drop_path_rates(rate: float, n: int) -> tuple[float, ...]:
+    """timm's stochastic-depth decay rule: `n` per-block rates spaced linearly from 0 to `rate`
+    (`torch.linspace(0, rate, n)`; timm computes it in float32, so its values differ in the 8th digit)."""
+    rate = float(rate)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"drop_path_rate must lie in [0, 1], got {rate}")
+    if n == 1:
+        return (0.0,)
+    return tuple(rate * i / (n - 1) for i in range(n))
+
+
+def drop_path_or_none(rate: float, stream: int) -> DropPath | None:
+    """A `DropPath` for a positive rate, else None (timm puts an Identity there)."""
+    return DropPath(rate, stream) if rate > 0 else None
+
+
+def dropout_key(rngs: nnx.Rngs | None) -> jax.Array | None:
+    """The one key a forward pass draws for all its DropPaths: from the `dropout` stream of `rngs`."""
+    return None if rngs is None else rngs.dropout()
+
+
+def uses_drop_path(model: nnx.Module) -> bool:
+    """True when some `DropPath` of `model` has a positive rate: its train-mode forward needs `rngs`."""
+    return any(isinstance(m, DropPath) and m.rate > 0 for _, m in nnx.iter_modules(model))
+
+
+class DropPath(nnx.Module):
+    """Stochastic depth on a residual branch: timm `DropPath(drop_prob=rate, scale_by_keep=True)`.
+
+    In train mode (`model.train()` sets `deterministic=False`) with rate > 0, each sample's branch is
+    kept with probability 1 - rate and then scaled by 1 / (1 - rate) (zero when rate is 1, as timm);
+    in eval mode (the default, `model.eval()`) or at rate 0 it is the identity.
+
+    The module holds no variables, so a model's parameters and checkpoints do not depend on the
+    rate. Randomness is pure: the forward takes `rngs=nnx.Rngs(dropout=key)`, draws one key from it
+    (`dropout_key`) and hands it to every block; each DropPath folds in its own `stream` (an index
+    unique within the model), so its mask depends only on that key, never on call order or state.
+    """
+
+    def __init__(self, rate: float, stream: int):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"DropPath rate must lie in [0, 1], got {rate}")
+        self.rate = float(rate)
+        self.stream = int(stream)
+        self.deterministic = True
+
+    def __call__(self, x, key: jax.Array | None):
+        if self.deterministic or self.rate == 0.0:
+            return x
+        if key is None:
+            raise ValueError(
+                "DropPath is in train mode but the forward got no key: call the model with "
+                "rngs=nnx.Rngs(dropout=key), or use model.eval(), or create it with drop_path_rate=0"
+            )
+        keep = 1.0 - self.rate
+        per_sample = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(jax.random.fold_in(key, self.stream), keep, per_sample)
+        scale = mask.astype(x.dtype)
+        if keep > 0.0:
+            scale = scale / jnp.asarray(keep, x.dtype)
+        return x * scale

@@ -16,6 +16,8 @@ Layout and numerics follow timm 1.0.31 exactly (porting.md sections 4 and 15 ite
   `img_size` gives timm's static mask exactly and another size behaves like timm's
   `dynamic_img_size=True` (same windows, mask rebuilt for the new shape).
 - Head: final `norm` -> global pool over H, W -> `head.fc`.
+- Stochastic depth: each block's `drop_path1` / `drop_path2` share one rate, rising linearly over all
+  blocks (`layers.drop_path_rates`); timm's Swin default `drop_path_rate` is 0.1 (train mode only).
 
 The constants timm keeps in non-persistent buffers (relative_position_index, attn_mask) are computed
 here with numpy from static ints (never stored on the module: static attributes must be hashable).
@@ -34,7 +36,16 @@ from flax import nnx
 
 from bob_jax.models import init as init_lib
 from bob_jax.models import layers
-from bob_jax.models.layers import POOL_DIM_FACTOR, conv2d, global_pool, linear, to_2tuple
+from bob_jax.models.layers import (
+    POOL_DIM_FACTOR,
+    conv2d,
+    drop_path_or_none,
+    drop_path_rates,
+    dropout_key,
+    global_pool,
+    linear,
+    to_2tuple,
+)
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm everywhere in Swin / SwinV2
 MASK_VALUE = -100.0  # timm/original Swin shift mask value (not -inf)
@@ -190,6 +201,7 @@ class SwinConfig:
     num_heads: tuple[int, ...] = (3, 6, 12, 24)
     window_size: tuple[tuple[int, int], ...] = ((7, 7),) * 4
     mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.1  # timm's SwinTransformer default
 
     @classmethod
     def make(cls, *, img_size=224, window_size=7, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), **kw):
@@ -221,7 +233,7 @@ ARCHS = {
                                           num_heads=(4, 8, 16, 32)),
 }
 ARCH_KWARGS = ("num_classes", "global_pool", "img_size", "window_size", "embed_dim", "depths", "num_heads",
-               "patch_size", "mlp_ratio", "in_chans")
+               "patch_size", "mlp_ratio", "in_chans", "drop_path_rate")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,17 +285,25 @@ class WindowAttention(nnx.Module):
         return self.proj(x)
 
 
+def residual(x, y, drop_path, key):
+    """x + drop_path(y): the residual add of every Swin block (drop_path None: rate 0)."""
+    return x + (y if drop_path is None else drop_path(y, key))
+
+
 class SwinTransformerBlock(nnx.Module):
-    def __init__(self, dim, num_heads, window, shift, mlp_ratio, *, rngs):
+    def __init__(self, dim, num_heads, window, shift, mlp_ratio, drop_path=0.0, stream=0, *, rngs):
         self.window, self.shift = window, shift
         self.norm1 = layer_norm(dim, rngs=rngs)
         self.attn = WindowAttention(dim, num_heads, window, rngs=rngs)
+        self.drop_path1 = drop_path_or_none(drop_path, 2 * stream)
         self.norm2 = layer_norm(dim, rngs=rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs)
+        self.drop_path2 = drop_path_or_none(drop_path, 2 * stream + 1)
 
-    def __call__(self, x):
-        x = x + shifted_window_attention(self.norm1(x), self.attn, self.window, self.shift)
-        return x + self.mlp(self.norm2(x))
+    def __call__(self, x, key=None):
+        x = residual(x, shifted_window_attention(self.norm1(x), self.attn, self.window, self.shift),
+                     self.drop_path1, key)
+        return residual(x, self.mlp(self.norm2(x)), self.drop_path2, key)
 
 
 class PatchMerging(nnx.Module):
@@ -335,10 +355,13 @@ class SwinBase(nnx.Module):
         dims = cfg.dims
         self.patch_embed = PatchEmbed(cfg.in_chans, dims[0], cfg.patch_size, rngs=rngs)
         geometry = block_geometry(cfg)
+        rates = drop_path_rates(cfg.drop_path_rate, sum(cfg.depths))
         stages = []
         for i, depth in enumerate(cfg.depths):
             down = merge_fn(dims[i - 1], dims[i], rngs=rngs) if i > 0 else None
-            blocks = [block_fn(i, dims[i], cfg.num_heads[i], *geo, rngs=rngs) for geo in geometry[i]]
+            first = sum(cfg.depths[:i])  # global index of the stage's first block
+            blocks = [block_fn(i, dims[i], cfg.num_heads[i], *geo, rates[first + j], first + j, rngs=rngs)
+                      for j, geo in enumerate(geometry[i])]
             stages.append(Stage(down, blocks))
         self.layers = nnx.List(stages)
         self.norm = layer_norm(dims[-1], rngs=rngs)
@@ -352,7 +375,9 @@ class SwinBase(nnx.Module):
         """Stride -> channels of each map in `out['features']`."""
         return dict(self._feature_info)
 
-    def __call__(self, x, *, intermediates: bool = False):
+    def __call__(self, x, *, intermediates: bool = False, rngs: nnx.Rngs | None = None):
+        """`rngs` (`nnx.Rngs(dropout=key)`) drives stochastic depth in train mode; eval ignores it."""
+        key = dropout_key(rngs)
         x = self.patch_embed(x)
         inter = {"patch_embed": x}
         features = {}
@@ -361,7 +386,7 @@ class SwinBase(nnx.Module):
                 x = stage.downsample(x)
                 inter[f"layers.{i}.downsample"] = x
             for b, block in enumerate(stage.blocks):
-                x = block(x)
+                x = block(x, key)
                 inter[f"layers.{i}.blocks.{b}"] = x
             features[self._feature_info[i][0]] = x
         pooled = global_pool(self.norm(x), self.cfg.global_pool)
@@ -375,8 +400,9 @@ class SwinBase(nnx.Module):
 
 class SwinTransformer(SwinBase):
     def __init__(self, cfg: SwinConfig, *, rngs: nnx.Rngs):
-        def block(i, dim, heads, window, shift, *, rngs):
-            return SwinTransformerBlock(dim, heads, window, shift, cfg.mlp_ratio, rngs=rngs)
+        def block(i, dim, heads, window, shift, drop_path, stream, *, rngs):
+            return SwinTransformerBlock(dim, heads, window, shift, cfg.mlp_ratio, drop_path, stream,
+                                        rngs=rngs)
 
         self._build(cfg, block, PatchMerging, rngs=rngs)
 

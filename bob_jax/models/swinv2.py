@@ -9,7 +9,8 @@ GELU, -100 shift mask, window clamping, roll-then-pad), with the v2 changes (por
 - continuous position bias: cpb_mlp (Linear 2->512 + ReLU + Linear 512->heads, no bias) on log-spaced
   relative coordinates (divided by pretrained_window - 1 if set, else window - 1; x8;
   sign * log2(|t| + 1) / log2(8)), gathered with relative_position_index, then 16 * sigmoid;
-- PatchMerging: Linear(4C -> 2C, no bias) THEN LayerNorm(2C).
+- PatchMerging: Linear(4C -> 2C, no bias) THEN LayerNorm(2C);
+- stochastic depth as v1: x + drop_path1(norm1(attn(x))), timm's default drop_path_rate 0.1.
 The coordinate table, index, zero k bias and shift mask (timm's non-persistent buffers) are numpy
 constants computed from static ints.
 """
@@ -26,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from bob_jax.models import init as init_lib
-from bob_jax.models.layers import linear
+from bob_jax.models.layers import drop_path_or_none, linear
 from bob_jax.models.swin import (
     Mlp,
     SwinBase,
@@ -35,6 +36,7 @@ from bob_jax.models.swin import (
     patch_embed_rules,
     patch_merge,
     relative_position_index,
+    residual,
     shifted_window_attention,
     stage_window_sizes,
     to_2tuple,
@@ -58,6 +60,7 @@ class SwinV2Config:
     window_size: tuple[tuple[int, int], ...] = ((8, 8),) * 4
     mlp_ratio: float = 4.0
     pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0)
+    drop_path_rate: float = 0.1  # timm's SwinTransformerV2 default
 
     @classmethod
     def make(cls, *, img_size=256, window_size=8, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
@@ -104,7 +107,7 @@ ARCHS = {
     "swinv2_large_window12to24_192to384": _arch(window_size=24, img_size=384, **_L, **_PRE12),
 }
 ARCH_KWARGS = ("num_classes", "global_pool", "img_size", "window_size", "embed_dim", "depths", "num_heads",
-               "patch_size", "mlp_ratio", "pretrained_window_sizes", "in_chans")
+               "patch_size", "mlp_ratio", "pretrained_window_sizes", "in_chans", "drop_path_rate")
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,16 +171,20 @@ class WindowAttentionV2(nnx.Module):
 
 
 class SwinTransformerV2Block(nnx.Module):
-    def __init__(self, dim, num_heads, window, shift, mlp_ratio, pretrained_window, *, rngs):
+    def __init__(self, dim, num_heads, window, shift, mlp_ratio, pretrained_window, drop_path=0.0,
+                 stream=0, *, rngs):
         self.window, self.shift = window, shift
         self.attn = WindowAttentionV2(dim, num_heads, window, pretrained_window, rngs=rngs)
         self.norm1 = layer_norm(dim, rngs=rngs)
+        self.drop_path1 = drop_path_or_none(drop_path, 2 * stream)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs)
         self.norm2 = layer_norm(dim, rngs=rngs)
+        self.drop_path2 = drop_path_or_none(drop_path, 2 * stream + 1)
 
-    def __call__(self, x):
-        x = x + self.norm1(shifted_window_attention(x, self.attn, self.window, self.shift))
-        return x + self.norm2(self.mlp(x))
+    def __call__(self, x, key=None):
+        y = self.norm1(shifted_window_attention(x, self.attn, self.window, self.shift))
+        x = residual(x, y, self.drop_path1, key)
+        return residual(x, self.norm2(self.mlp(x)), self.drop_path2, key)
 
 
 class PatchMergingV2(nnx.Module):
@@ -191,9 +198,10 @@ class PatchMergingV2(nnx.Module):
 
 class SwinTransformerV2(SwinBase):
     def __init__(self, cfg: SwinV2Config, *, rngs: nnx.Rngs):
-        def block(i, dim, heads, window, shift, *, rngs):
+        def block(i, dim, heads, window, shift, drop_path, stream, *, rngs):
             pre = to_2tuple(cfg.pretrained_window_sizes[i])
-            return SwinTransformerV2Block(dim, heads, window, shift, cfg.mlp_ratio, pre, rngs=rngs)
+            return SwinTransformerV2Block(dim, heads, window, shift, cfg.mlp_ratio, pre, drop_path, stream,
+                                          rngs=rngs)
 
         self._build(cfg, block, PatchMergingV2, rngs=rngs)
 

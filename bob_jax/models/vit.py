@@ -11,6 +11,9 @@ split as (3, heads, head_dim); softmax in float32; tokens in row-major (h, w) or
 Token assembly (`VisionTransformer._pos_embed`): `no_embed_class=False`: concat [cls, reg, patches],
 then add `pos_embed` (which has slots for the prefix tokens); `no_embed_class=True` (DINOv2 reg4):
 add `pos_embed` to the patches, then concat [cls, reg, patches].
+
+Stochastic depth: block i's `drop_path1` / `drop_path2` use rate `drop_path_rate * i / (depth - 1)`
+(timm's linspace), in train mode only.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from flax import nnx
 
 from bob_jax.models import init as init_lib
 from bob_jax.models import pos_embed as pos_embed_lib
-from bob_jax.models.layers import to_2tuple
+from bob_jax.models.layers import drop_path_or_none, drop_path_rates, dropout_key, to_2tuple
 
 ACT_LAYERS = ("gelu", "quick_gelu")
 MLP_LAYERS = ("mlp", "swiglu_packed")
@@ -53,6 +56,7 @@ class ViTConfig:
     mlp_layer: str = "mlp"
     norm_eps: float = 1e-6  # timm LayerNorm; CLIP towers use torch's 1e-5 (not a timm kwarg: fixed per arch)
     dynamic_img_size: bool = False
+    drop_path_rate: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "img_size", to_2tuple(self.img_size))
@@ -149,7 +153,7 @@ ARCHS = {
 ARCH_KWARGS = (
     "num_classes", "in_chans", "global_pool", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
     "mlp_ratio", "qkv_bias", "class_token", "reg_tokens", "no_embed_class", "pre_norm", "fc_norm",
-    "init_values", "act_layer", "mlp_layer", "dynamic_img_size",
+    "init_values", "act_layer", "mlp_layer", "dynamic_img_size", "drop_path_rate",
 )
 
 
@@ -267,23 +271,28 @@ class LayerScale(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0, index: int = 0, *, rngs: nnx.Rngs):
         d = cfg.embed_dim
         self.norm1 = layer_norm(d, cfg.norm_eps, rngs)
         self.attn = Attention(d, cfg.num_heads, cfg.qkv_bias, rngs=rngs)
         self.ls1 = LayerScale(d, cfg.init_values) if cfg.init_values else None
+        self.drop_path1 = drop_path_or_none(drop_path, 2 * index)
         self.norm2 = layer_norm(d, cfg.norm_eps, rngs)
         if cfg.mlp_layer == "swiglu_packed":
             self.mlp = SwiGLUPacked(d, cfg.mlp_hidden, rngs=rngs)
         else:
             self.mlp = Mlp(d, cfg.mlp_hidden, cfg.act_layer, rngs=rngs)
         self.ls2 = LayerScale(d, cfg.init_values) if cfg.init_values else None
+        self.drop_path2 = drop_path_or_none(drop_path, 2 * index + 1)
 
-    def __call__(self, x):
-        y = self.attn(self.norm1(x))
-        x = x + (self.ls1(y) if self.ls1 is not None else y)
-        y = self.mlp(self.norm2(x))
-        return x + (self.ls2(y) if self.ls2 is not None else y)
+    @staticmethod
+    def _branch(y, ls, drop_path, key):
+        y = ls(y) if ls is not None else y
+        return y if drop_path is None else drop_path(y, key)
+
+    def __call__(self, x, key=None):
+        x = x + self._branch(self.attn(self.norm1(x)), self.ls1, self.drop_path1, key)
+        return x + self._branch(self.mlp(self.norm2(x)), self.ls2, self.drop_path2, key)
 
 
 class VisionTransformer(nnx.Module):
@@ -297,7 +306,8 @@ class VisionTransformer(nnx.Module):
         embed_len = gh * gw + (0 if cfg.no_embed_class else cfg.num_prefix_tokens)
         self.pos_embed = nnx.Param(jnp.zeros((1, embed_len, d), jnp.float32))
         self.norm_pre = layer_norm(d, cfg.norm_eps, rngs) if cfg.pre_norm else None
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        rates = drop_path_rates(cfg.drop_path_rate, cfg.depth)
+        self.blocks = nnx.List([Block(cfg, rates[i], i, rngs=rngs) for i in range(cfg.depth)])
         self.norm = layer_norm(d, cfg.norm_eps, rngs) if not cfg.use_fc_norm else None
         self.fc_norm = layer_norm(d, cfg.norm_eps, rngs) if cfg.use_fc_norm else None
         self.head = linear(d, cfg.num_classes, rngs=rngs) if cfg.num_classes > 0 else None
@@ -350,7 +360,9 @@ class VisionTransformer(nnx.Module):
             return t.max(axis=1)
         return 0.5 * (t.max(axis=1) + t.mean(axis=1))  # avgmax
 
-    def __call__(self, x, *, intermediates: bool = False):
+    def __call__(self, x, *, intermediates: bool = False, rngs: nnx.Rngs | None = None):
+        """`rngs` (`nnx.Rngs(dropout=key)`) drives stochastic depth in train mode; eval ignores it."""
+        key = dropout_key(rngs)
         if not self.cfg.dynamic_img_size and tuple(x.shape[1:3]) != self.cfg.img_size:
             raise ValueError(  # timm's PatchEmbed asserts the same (strict_img_size)
                 f"input size {tuple(x.shape[1:3])} does not match img_size {self.cfg.img_size}; build the "
@@ -363,7 +375,7 @@ class VisionTransformer(nnx.Module):
             x = self.norm_pre(x)
         inter = {}
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            x = block(x, key)
             if intermediates:
                 inter[f"blocks.{i}"] = self._split(x, h, w)
         # timm forward_intermediates(indices=1, norm=False): the last block's patch tokens, unnormalised.

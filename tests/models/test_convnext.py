@@ -263,8 +263,8 @@ def test_bfloat16_compute(reduced):
 
 
 def test_unsupported_kwargs_are_rejected():
-    with pytest.raises(TypeError, match="drop_path_rate"):
-        backbones.from_timm_state_dict("convnext_tiny", {}, drop_path_rate=0.1)
+    with pytest.raises(TypeError, match="drop_rate"):  # timm's head dropout: not implemented
+        backbones.from_timm_state_dict("convnext_tiny", {}, drop_rate=0.1)
     with pytest.raises(ValueError, match="ls_init_value=None"):
         backbones.create("convnext_tiny.fb_in1k", ls_init_value=None)
     with pytest.raises(ValueError, match="catavgmax"):

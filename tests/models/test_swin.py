@@ -213,8 +213,8 @@ def test_random_init_follows_timm():
 
 
 def test_unsupported_kwarg_is_named():
-    with pytest.raises(TypeError, match="drop_path_rate"):
-        backbones.from_timm_state_dict(V1, {}, drop_path_rate=0.1)
+    with pytest.raises(TypeError, match="drop_rate"):  # timm's head dropout: not implemented
+        backbones.from_timm_state_dict(V1, {}, drop_rate=0.1)
     with pytest.raises(TypeError, match="pretrained_window_sizes"):
         backbones.from_timm_state_dict(V1, {}, pretrained_window_sizes=(0, 0, 0, 0))
 
