@@ -6,6 +6,8 @@ kwargs of VICRegL's network: no classifier and the final norm before the average
 (`head_norm_first=True`); its blocks have no layer scale (loaded as gamma = 1).
 """
 
+import re
+
 from bob_jax.backbones.family import Family
 from bob_jax.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from bob_jax.backbones.zoo_types import HubWeights, UrlWeights, ZooEntry
@@ -25,6 +27,27 @@ def _fb(arch, tag, num_classes=1000, notes=""):
                     license="apache-2.0", notes=notes)
 
 
+def num_layers(cfg) -> int:
+    """timm's ConvNeXt group_matcher(coarse=False): stem, one group per block, then the head (`head.norm`
+    and `head.fc`; with head_norm_first and no classes the head has no parameters and no group)."""
+    has_head = not cfg.head_norm_first or cfg.num_classes > 0
+    return sum(cfg.depths) + 1 + has_head
+
+
+def layer_id(path: str, cfg) -> int:
+    """Layer id of a dotted param path as timm assigns it: a stage's downsample shares its first block's
+    id; `norm_pre` carries timm's MATCH_PREV_GROUP suffix, so it shares the last block's id."""
+    if path.startswith("stem."):
+        return 0
+    m = re.match(r"stages\.(\d+)\.(?:downsample|blocks\.(\d+))\.", path)
+    if m:
+        stage, block = int(m.group(1)), int(m.group(2) or 0)
+        return 1 + sum(cfg.depths[:stage]) + block
+    if path.startswith("norm_pre."):
+        return sum(cfg.depths)
+    return sum(cfg.depths) + 1
+
+
 VICREGL_URL = "https://dl.fbaipublicfiles.com/vicregl/convnext_xlarge_alpha0.75.pth"
 
 FAMILY = Family(
@@ -36,6 +59,8 @@ FAMILY = Family(
     timm_rules=convert.TIMM_RULES,
     head_prefixes=("head.fc.",),
     foreign_layouts=((convert.is_official_layout, convert.official_to_timm),),
+    layer_id=layer_id,
+    num_layers=num_layers,
     entries=(
         _fb("convnext_tiny", "fb_in1k", notes="EMA weights of the original IN-1k ConvNeXt-T"),
         _fb("convnext_small", "fb_in1k"),

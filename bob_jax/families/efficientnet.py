@@ -15,8 +15,9 @@ from bob_jax.models import efficientnet
 _PRE = Preprocess(224, 0.875, "bicubic", INCEPTION_MEAN, INCEPTION_STD)
 
 def num_layers(cfg) -> int:
-    """timm's EfficientNet group_matcher(coarse=False): stem, one group per block, then the head."""
-    return sum(stage.repeats for stage in cfg.stages) + 2
+    """timm's EfficientNet group_matcher(coarse=False): stem, one group per block, then the classifier
+    (only when num_classes > 0: timm numbers the groups of the parameters that exist)."""
+    return sum(stage.repeats for stage in cfg.stages) + 1 + (cfg.num_classes > 0)
 
 
 def layer_id(path: str, cfg) -> int:
@@ -31,9 +32,10 @@ def layer_id(path: str, cfg) -> int:
     if m:
         stage, block = int(m.group(1)), int(m.group(2))
         return 1 + sum(s.repeats for s in cfg.stages[:stage]) + block
+    n_blocks = sum(s.repeats for s in cfg.stages)
     if re.match(r"conv_head|bn2", path):
-        return num_layers(cfg) - 2
-    return num_layers(cfg) - 1
+        return n_blocks
+    return n_blocks + 1
 
 
 FAMILY = Family(

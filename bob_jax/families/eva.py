@@ -4,6 +4,8 @@ Preprocessing from each tag's timm pretrained_cfg: OpenAI CLIP mean/std, bicubic
 checkpoints (no head) use crop 0.9 at 224, the fine-tuned ones crop 1.0 at 336/448.
 """
 
+import re
+
 from bob_jax.backbones.family import Family
 from bob_jax.backbones.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
 from bob_jax.backbones.zoo_types import HubWeights, ZooEntry
@@ -22,6 +24,25 @@ def _mim(arch: str, tag: str, notes: str = "") -> ZooEntry:
                     notes=notes)
 
 
+def num_layers(cfg) -> int:
+    """timm's Eva group_matcher (ViT's): the embeddings, one group per block, then `fc_norm` (avg pool)
+    / `head` (no group when neither exists)."""
+    return cfg.depth + 1 + (cfg.global_pool == "avg" or cfg.num_classes > 0)
+
+
+def layer_id(path: str, cfg) -> int:
+    """Layer id of a dotted param path as timm assigns it: cls_token, pos_embed and patch_embed are the
+    stem; the final `norm` (token pool; MATCH_PREV_GROUP) shares the last block's id."""
+    if re.match(r"cls_token|pos_embed|patch_embed\.", path):
+        return 0
+    m = re.match(r"blocks\.(\d+)\.", path)
+    if m:
+        return 1 + int(m.group(1))
+    if path.startswith("norm."):
+        return cfg.depth
+    return cfg.depth + 1
+
+
 FAMILY = Family(
     name="eva",
     archs=eva.ARCHS,
@@ -30,6 +51,8 @@ FAMILY = Family(
     init_rules=eva.init_rules,
     timm_rules=convert.TIMM_RULES,
     head_prefixes=("head.",),
+    layer_id=layer_id,
+    num_layers=num_layers,
     entries=(
         _mim("eva02_small_patch14_224", "mim_in22k"),
         _mim("eva02_base_patch14_224", "mim_in22k"),

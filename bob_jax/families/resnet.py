@@ -31,8 +31,9 @@ def _strip_prefixes(state_dict):
 
 
 def num_layers(cfg) -> int:
-    """timm's ResNet group_matcher(coarse=False): stem, one group per block, then the head."""
-    return sum(cfg.layers) + 2
+    """timm's ResNet group_matcher(coarse=False): stem, one group per block, then the head (`fc`, only
+    when num_classes > 0: timm numbers the groups of the parameters that exist)."""
+    return sum(cfg.layers) + 1 + (cfg.num_classes > 0)
 
 
 def layer_id(path: str, cfg) -> int:
@@ -43,7 +44,7 @@ def layer_id(path: str, cfg) -> int:
     if m:
         stage, block = int(m.group(1)), int(m.group(2))
         return 1 + sum(cfg.layers[: stage - 1]) + block
-    return num_layers(cfg) - 1
+    return sum(cfg.layers) + 1
 
 
 FAMILY = Family(

@@ -1,4 +1,9 @@
-"""Swin Transformer v1 (timm `swin_transformer.py`): model, timm random init, key table and tags."""
+"""Swin Transformer v1 (timm `swin_transformer.py`): model, timm random init, key table and tags.
+
+`layer_id` / `num_layers` serve SwinV2 too: timm's two group matchers agree on our module tree.
+"""
+
+import re
 
 from bob_jax.backbones.family import Family
 from bob_jax.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
@@ -8,6 +13,26 @@ from bob_jax.models import swin
 
 # timm pretrained_cfg of these tags: 224, crop 0.9, bicubic, ImageNet mean/std (fixed_input_size).
 _PRE = Preprocess(224, 0.9, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
+
+
+def num_layers(cfg) -> int:
+    """timm's Swin group_matcher(coarse=False): patch_embed, one group per block, then `head.fc`
+    (no group without classes)."""
+    return sum(cfg.depths) + 1 + (cfg.num_classes > 0)
+
+
+def layer_id(path: str, cfg) -> int:
+    """Layer id of a dotted param path as timm assigns it: a stage's downsample (PatchMerging at the
+    stage start) shares its first block's id; the final `norm` (MATCH_PREV_GROUP) the last block's."""
+    if path.startswith("patch_embed."):
+        return 0
+    m = re.match(r"layers\.(\d+)\.(?:downsample|blocks\.(\d+))\.", path)
+    if m:
+        stage, block = int(m.group(1)), int(m.group(2) or 0)
+        return 1 + sum(cfg.depths[:stage]) + block
+    if path.startswith("norm."):
+        return sum(cfg.depths)
+    return sum(cfg.depths) + 1
 
 
 def _e(arch, tag, notes=""):
@@ -24,6 +49,8 @@ FAMILY = Family(
     head_prefixes=("head.",),
     foreign_layouts=convert.FOREIGN_LAYOUTS,
     adapt=convert.adapt_v1,
+    layer_id=layer_id,
+    num_layers=num_layers,
     entries=(
         _e("swin_tiny_patch4_window7_224", "ms_in1k",
            notes="timm's default swin_tiny (original IN-1k weights)"),

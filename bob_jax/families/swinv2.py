@@ -19,6 +19,7 @@ from bob_jax.backbones.preprocess import (
 )
 from bob_jax.backbones.zoo_types import HubWeights, UrlWeights, ZooEntry
 from bob_jax.convert import swin as convert
+from bob_jax.families.swin import layer_id, num_layers
 from bob_jax.models import swinv2
 
 
@@ -45,6 +46,8 @@ FAMILY = Family(
     timm_rules=convert.TIMM_RULES,
     head_prefixes=("head.",),
     foreign_layouts=convert.FOREIGN_LAYOUTS,
+    layer_id=layer_id,
+    num_layers=num_layers,
     entries=(
         _e("swinv2_tiny_window8_256", "ms_in1k", _256),
         _e("swinv2_base_window8_256", "ms_in1k", _256),

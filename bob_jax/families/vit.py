@@ -7,6 +7,8 @@ under `timm/vit_*_clip_224.openai` (see `HubWeights.repo`). DINOv2 weights are s
 (37x37 pos-embed grid); timm resamples the grid (bicubic, antialias) when a smaller `img_size` is built.
 """
 
+import re
+
 from bob_jax.backbones.family import Family
 from bob_jax.backbones.preprocess import (
     CLIP_MEAN,
@@ -80,6 +82,25 @@ for _arch, _url, _kw in (
         notes="MoCo v3 300-epoch pre-training, base encoder (momentum encoder, projector, predictor "
               "dropped); pos_embed is a fixed 2-D sin-cos table stored in the checkpoint"))
 
+def num_layers(cfg) -> int:
+    """timm's ViT group_matcher: the embeddings, one group per block, then `fc_norm` / `head` (no group
+    when neither exists, e.g. DINOv2 without classes)."""
+    return cfg.depth + 1 + (cfg.use_fc_norm or cfg.num_classes > 0)
+
+
+def layer_id(path: str, cfg) -> int:
+    """Layer id of a dotted param path as timm assigns it: tokens, pos_embed, patch_embed and norm_pre
+    are the stem; the final `norm` (MATCH_PREV_GROUP) shares the last block's id."""
+    if re.match(r"cls_token|reg_token|pos_embed|patch_embed\.|norm_pre\.", path):
+        return 0
+    m = re.match(r"blocks\.(\d+)\.", path)
+    if m:
+        return 1 + int(m.group(1))
+    if path.startswith("norm."):
+        return cfg.depth
+    return cfg.depth + 1
+
+
 FAMILY = Family(
     name="vit",
     archs=vit.ARCHS,
@@ -95,4 +116,6 @@ FAMILY = Family(
     ),
     entries=tuple(_ENTRIES),
     adapt=convert.resample_pos_embed,
+    layer_id=layer_id,
+    num_layers=num_layers,
 )

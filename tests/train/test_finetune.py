@@ -24,13 +24,59 @@ def _ours_by_timm_name(model, tree):
     return out
 
 
+def _abstract_backbone(name, **kwargs):
+    """`backbones.create(name, **kwargs)`'s structure without drawing weights (leaves are shapes)."""
+    from bob_jax.backbones import zoo
+    from bob_jax.models.init import ShapeOnlyRngs
+
+    entry = zoo.ZOO[name]
+    family = zoo.ARCH_TO_FAMILY[entry.arch]
+    cfg = family.config(entry.arch, {**entry.default_kwargs(), **kwargs})
+    model = nnx.eval_shape(lambda: family.model(cfg, rngs=ShapeOnlyRngs()))
+    model.name = name
+    return model
+
+
+_TINY_VIT = dict(depth=3, embed_dim=32, num_heads=2)
+_TINY_SWIN = dict(depths=(1, 1, 2, 1), embed_dim=16, num_heads=(1, 2, 2, 4))
+_TINY_CONVNEXT = dict(depths=(1, 1, 2, 1), dims=(8, 16, 32, 64))
+# One small arch per family, plus the variants where timm's group count changes: no head (no head
+# group), ConvNeXt head_norm_first / ViT / EVA final `norm` (merged into the last block's group),
+# fc_norm, CLIP's norm_pre and registers (stem).
+LAYER_DECAY_CASES = [
+    ("resnet50.a1_in1k", dict(num_classes=10)),
+    ("resnet50.a1_in1k", dict(num_classes=0)),
+    ("tf_efficientnet_lite0.in1k", dict(num_classes=10)),
+    ("tf_efficientnet_lite0.in1k", dict(num_classes=0)),
+    ("convnext_tiny.fb_in1k", dict(num_classes=10, **_TINY_CONVNEXT)),
+    ("convnext_tiny.fb_in1k", dict(num_classes=0, head_norm_first=True, **_TINY_CONVNEXT)),
+    ("convnext_tiny.fb_in1k", dict(num_classes=10, head_norm_first=True, **_TINY_CONVNEXT)),
+    ("swin_tiny_patch4_window7_224.ms_in1k", dict(num_classes=10, **_TINY_SWIN)),
+    ("swinv2_tiny_window8_256.ms_in1k", dict(num_classes=0, **_TINY_SWIN)),
+    ("swinv2_tiny_window8_256.ms_in1k", dict(num_classes=10, **_TINY_SWIN)),
+    ("vit_small_patch16_224.augreg_in1k", dict(num_classes=10, **_TINY_VIT)),
+    ("vit_small_patch14_reg4_dinov2.lvd142m", dict(num_classes=0, img_size=56, **_TINY_VIT)),
+    ("vit_base_patch16_clip_224.laion2b", dict(num_classes=10, global_pool="avg", **_TINY_VIT)),
+    ("eva02_small_patch14_224.mim_in22k", dict(num_classes=10, **_TINY_VIT)),
+    ("eva02_small_patch14_224.mim_in22k", dict(num_classes=0, global_pool="token", **_TINY_VIT)),
+    ("resnet50_clip.openai", dict(num_classes=10)),
+]
+
+
 @pytest.mark.reference
-@pytest.mark.parametrize("name", ["resnet50.a1_in1k", "tf_efficientnet_lite0.in1k"])
-def test_layer_decay_matches_timm_param_groups(reference, name):
-    import timm
+def _case_id(name, kwargs):
+    flags = [f"nc{kwargs['num_classes']}"] + [f"{k}={kwargs[k]}" for k in ("head_norm_first", "global_pool")
+                                               if k in kwargs]
+    return "-".join([name.split(".")[0], *flags])
+
+
+@pytest.mark.parametrize("name, kwargs", LAYER_DECAY_CASES, ids=[_case_id(*c) for c in LAYER_DECAY_CASES])
+def test_layer_decay_matches_timm_param_groups(reference, name, kwargs):
+    torch, timm = reference
     from timm.optim import param_groups_layer_decay
 
-    tmodel = timm.create_model(name.split(".")[0], pretrained=False, num_classes=10)
+    with torch.device("meta"):  # only names and shapes matter: no weights are drawn
+        tmodel = timm.create_model(name.split(".")[0], pretrained=False, **kwargs)
     groups = param_groups_layer_decay(tmodel, weight_decay=0.05, layer_decay=0.75)
     by_param = {}
     for g in groups:
@@ -38,13 +84,13 @@ def test_layer_decay_matches_timm_param_groups(reference, name):
             by_param[id(p)] = (g["lr_scale"], g["weight_decay"] > 0)
     timm_groups = {n: by_param[id(p)] for n, p in tmodel.named_parameters()}
 
-    model = backbones.create(name, weights=None, num_classes=10)
+    model = _abstract_backbone(name, **kwargs)
     params = nnx.state(model, nnx.Param)
     scales = _ours_by_timm_name(model, finetune.layer_decay_scales(model, 0.75))
     masks = _ours_by_timm_name(model, finetune.weight_decay_mask(params))
     assert set(scales) == set(timm_groups)
-    # Several distinct scales, the head at 1.0 and the stem at the smallest one.
-    assert len(set(s for s, _ in timm_groups.values())) == 18
+    family, cfg = finetune._family_and_cfg(model)
+    assert len({s for s, _ in timm_groups.values()}) == family.num_layers(cfg)
     for n, (t_scale, t_decay) in timm_groups.items():
         assert scales[n] == pytest.approx(t_scale, rel=1e-12), n
         assert bool(masks[n]) == t_decay, n
