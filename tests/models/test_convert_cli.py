@@ -22,6 +22,11 @@ def test_convert_writes_loadable_checkpoint(tmp_path, capsys):
     model = backbones.create("tf_efficientnet_lite0.offline", weights=out)
     logits = np.asarray(backbones.forward(model, converted.fixed_input(64))["logits"])
     np.testing.assert_array_equal(logits, np.asarray(manifest["reference_values"], np.float32))
+    # Stochastic depth adds no variables: the same directory loads with drop path, unchanged in eval mode.
+    dropping = backbones.create("tf_efficientnet_lite0.offline", weights=out, drop_path_rate=0.2)
+    assert dropping.cfg.drop_path_rate == 0.2
+    dropping_logits = backbones.forward(dropping, converted.fixed_input(64))["logits"]
+    np.testing.assert_array_equal(np.asarray(dropping_logits), logits)
     with pytest.raises(ValueError, match="not 'resnet50.a1_in1k'"):
         backbones.create("resnet50.a1_in1k", weights=out)
     with pytest.raises(ValueError, match="reconvert"):
