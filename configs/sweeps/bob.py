@@ -16,7 +16,7 @@ step fail with instructions and the sweep goes on. `config_set` = `bob` (the ori
 checkpoints and normalisation) or `consistent` (one checkpoint per backbone, its own preprocessing).
 
 `local=true`: the offline grid on the embedded Fashion-MNIST subset (EfficientNet-Lite0 with real weights,
-Lite0 and ResNet-50 at random init; frozen tasks, fine-tuning with the CPU recipe and OOD on corrupted
+Lite0 and ResNet-50 at random init; frozen tasks incl. DINOv2's linear eval, fine-tuning with the CPU recipe and OOD on corrupted
 test sets), a few minutes on 2 CPU cores.
 """
 
@@ -91,7 +91,7 @@ def local_grid(a):
     splits = ("train", "test")
     return [
         ("frozen/fashion_mnist", _job(LOCAL_BACKBONES, "fashion_mnist", splits,
-                                      ("linear_probe", "knn", "retrieval"), **sizes)),
+                                      ("linear_probe", "linear_multihead", "knn", "retrieval"), **sizes)),
         *[(f"ood/fashion_mnist/lr={float(lr):g}",
            _job(LOCAL_BACKBONES, "fashion_mnist", splits, ("finetune", "ood"), lr=float(lr), **sizes))
           for lr in a.lrs],
