@@ -168,8 +168,9 @@ class _Writer:
             "environment": self.env, **record,
         }
         self.store.write(record)
+        # Headline metrics only: per-head / per-label details (`name/...`) stay in the record.
         line = f"{record['backbone']} / {record['task']} / {record['dataset']}: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in record["metrics"].items() if isinstance(v, float)
+            f"{k} {v:.4f}" for k, v in record["metrics"].items() if isinstance(v, float) and "/" not in k
         )
         log.info(line)
         if self.console is not None:
