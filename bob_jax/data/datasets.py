@@ -48,7 +48,6 @@ import numpy as np
 
 from bob_jax.data.imagenet_ood_classes import OOD_CLASS_LISTS, valid_class_indices
 from bob_jax.data.sources import (
-    ImageDecodeError,
     ImageFolder,
     Subset,
     TfdsSource,
@@ -56,6 +55,7 @@ from bob_jax.data.sources import (
     _seeded_order,
     _stratified_pick,
     read_many,
+    read_rgb,
 )
 
 __all__ = [
@@ -615,15 +615,8 @@ class FileListSource:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from PIL import Image
-
         index = int(index)
-        path = self.root / self.files[index]
-        try:
-            with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"))
-        except Exception as e:
-            raise ImageDecodeError(f"cannot decode image {str(path)!r}: {type(e).__name__}: {e}") from e
+        image = np.asarray(read_rgb(self.root / self.files[index]))
         label = self._labels[index].copy() if self.multilabel else self._labels[index]
         return {"image": image, "label": label, "name": self.files[index]}
 

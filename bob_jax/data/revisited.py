@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from bob_jax.data.sources import ImageDecodeError, _init_pil
+from bob_jax.data.sources import _init_pil, read_rgb
 
 __all__ = ["REVISITED_DATASETS", "REVISITED_SPLITS", "REVISITOP_URL", "RevisitedSource"]
 
@@ -201,17 +201,12 @@ class RevisitedSource:
         is_query = index >= self.num_database
         name = self.qimlist[index - self.num_database] if is_query else self.imlist[index]
         path = self.image_dir / f"{name}.jpg"
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")  # full decode inside the try, as BoB's and revisitop's loaders
-            if is_query and self.crop_queries:
-                image = image.crop(self.gnd[index - self.num_database]["bbx"])
-            if self.thumbnail is not None:
-                image.thumbnail((self.thumbnail, self.thumbnail), Image.Resampling.LANCZOS)
-            array = np.asarray(image)
-        except Exception as e:
-            raise ImageDecodeError(f"cannot decode image {str(path)!r}: {type(e).__name__}: {e}") from e
-        return {"image": array, "label": self._labels[index], "name": name}
+        image = read_rgb(path)  # full decode, as BoB's and revisitop's loaders
+        if is_query and self.crop_queries:
+            image = image.crop(self.gnd[index - self.num_database]["bbx"])
+        if self.thumbnail is not None:
+            image.thumbnail((self.thumbnail, self.thumbnail), Image.Resampling.LANCZOS)
+        return {"image": np.asarray(image), "label": self._labels[index], "name": name}
 
     def labels(self) -> np.ndarray:
         return self._labels.copy()

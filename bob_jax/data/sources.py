@@ -535,6 +535,17 @@ class ImageDecodeError(OSError):
     """An image file could not be read or decoded (the message names the file)."""
 
 
+def read_rgb(path: str | os.PathLike):
+    """The image at `path` as a fully decoded RGB PIL image; any failure is an ImageDecodeError naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() forces the full decode inside the try
+    except Exception as e:
+        raise ImageDecodeError(f"cannot decode image {str(path)!r}: {type(e).__name__}: {e}") from e
+
+
 class ImageFolder:
     """torchvision-style ImageFolder: `root/<class>/**/<image>`; classes and files sorted.
 
@@ -586,15 +597,8 @@ class ImageFolder:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from PIL import Image
-
         index = int(index)
-        path = self.root / self.files[index]
-        try:
-            with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"))  # convert() forces the full decode inside the try
-        except Exception as e:
-            raise ImageDecodeError(f"cannot decode image {str(path)!r}: {type(e).__name__}: {e}") from e
+        image = np.asarray(read_rgb(self.root / self.files[index]))
         return {"image": image, "label": self._labels[index], "name": self.files[index]}
 
     def labels(self) -> np.ndarray:
