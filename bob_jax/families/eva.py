@@ -4,12 +4,12 @@ Preprocessing from each tag's timm pretrained_cfg: OpenAI CLIP mean/std, bicubic
 checkpoints (no head) use crop 0.9 at 224, the fine-tuned ones crop 1.0 at 336/448.
 """
 
-import re
 
 from bob_jax.backbones.family import Family
 from bob_jax.backbones.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
 from bob_jax.backbones.zoo_types import HubWeights, ZooEntry
 from bob_jax.convert import eva as convert
+from bob_jax.families import vit as vit_family
 from bob_jax.models import eva
 
 _CLIP = dict(interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD)
@@ -30,17 +30,8 @@ def num_layers(cfg) -> int:
     return cfg.depth + 1 + (cfg.global_pool == "avg" or cfg.num_classes > 0)
 
 
-def layer_id(path: str, cfg) -> int:
-    """Layer id of a dotted param path as timm assigns it: cls_token, pos_embed and patch_embed are the
-    stem; the final `norm` (token pool; MATCH_PREV_GROUP) shares the last block's id."""
-    if re.match(r"cls_token|pos_embed|patch_embed\.", path):
-        return 0
-    m = re.match(r"blocks\.(\d+)\.", path)
-    if m:
-        return 1 + int(m.group(1))
-    if path.startswith("norm."):
-        return cfg.depth
-    return cfg.depth + 1
+# Parameter paths share ViT's names (no reg_token / norm_pre here), so ViT's ids apply unchanged.
+layer_id = vit_family.layer_id
 
 
 FAMILY = Family(
