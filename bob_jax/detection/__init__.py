@@ -1,0 +1,19 @@
+"""Detection and instance segmentation (issue 6): Mask R-CNN and Cascade Mask R-CNN on every backbone.
+
+Planned modules (fixed-shape, jit-compiled; generic box/RoI ops live in ``bob_jax.ops``):
+
+* ``box_coder`` -- detectron2 ``Box2BoxTransform`` deltas (dx, dy, dw, dh) with per-stage weights;
+* ``anchors`` -- anchor generator (sizes 32..512 on p2..p6, ratios 0.5/1/2, offset 0);
+* ``matcher`` -- IoU matcher with low-quality matches and positive/negative sampling;
+* ``rpn`` -- RPN head, losses and proposals (per-level top-k, NMS, post-NMS top-k);
+* ``roi_heads`` -- box head (4conv1fc), mask head (28x28), Cascade stages and their losses;
+* ``postprocess`` -- test-time scoring, per-class NMS, mask pasting;
+* ``necks`` -- FPN for hierarchical backbones; ``vitdet`` -- ViTDet backbone adaptation and simple pyramid;
+* ``data`` -- COCO-format loading, large-scale jitter / multi-scale resize; ``synthetic`` -- the embedded
+  procedurally drawn dataset and its domain-shifted twin; ``coco_eval`` -- pycocotools bbox/segm AP;
+* ``model``, ``train`` -- model assembly (Mask R-CNN / Cascade) and the training/evaluation job.
+
+Conventions: NHWC images padded to a fixed square size with ``image_sizes`` [B, 2] (h, w); boxes
+(x1, y1, x2, y2) float32 in input pixels; ground truth padded to G instances with class -1 as padding;
+classifier logits with background last (index C); pyramid maps "p2".."p6" at strides 4..64.
+"""
