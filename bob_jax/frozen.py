@@ -54,14 +54,17 @@ class FrozenTask:
 
 def linear_probe(train: Features, test: Features, *, num_classes: int, cfg: Mapping[str, Any], mesh, workdir,
                  progress: bool, sources: DataSplits | None = None) -> tuple[dict[str, float], np.ndarray | None]:
-    from bob_jax.tasks.linear_probe import LinearProbeConfig, run_linear_probe
+    from bob_jax.tasks.linear_probe import LinearProbeConfig, head_logits_numpy, run_linear_probe
 
     out = run_linear_probe(
         train.features, train.labels, test.features, test.labels,
         num_classes=num_classes, config=LinearProbeConfig(**dict(cfg)), mesh=mesh, workdir=workdir,
-        progress=progress,
+        progress=progress, return_state=True,
     )
-    return {k: float(v) for k, v in out.items() if np.isscalar(v) and not isinstance(v, str)}, None
+    # Per-example correctness of the trained head (float64 replay), for bootstrap intervals.
+    logits = head_logits_numpy(out.pop("head_state"), test.features)
+    correct = (np.argmax(logits, axis=1) == test.labels).astype(np.float64)
+    return {k: float(v) for k, v in out.items() if np.isscalar(v) and not isinstance(v, str)}, correct
 
 
 def knn(train: Features, test: Features, *, num_classes: int, cfg: Mapping[str, Any], mesh, workdir,

@@ -119,18 +119,19 @@ def run(name: str, weights, label: str, tasks, *, config, data, mesh, workdir: p
         return
     common = {"backbone": label, "backbone_name": name, "weights": model.weights_id, "split": data.split,
               "input_size": pre.input_size, "preprocess": pre.to_dict(), "dtype": ft.compute_dtype,
-              "num_params": _num_params(model), "gflops": _gflops(name, pre.input_size),
-              "metrics_per_example": None}
+              "num_params": _num_params(model), "gflops": _gflops(name, pre.input_size)}
     t0 = time.time()
     # Checkpoints under runs/<key>: a rerun resumes, and a finished run is restored without training.
     out = run_finetune(model, data.train, data.test, num_classes=data.num_classes, config=ft, mesh=mesh,
                        workdir=str(workdir / "runs" / key), progress=config.progress)
     clean = {k: out[k] for k in ("top1", "nll", "ece")}
+    per_example = out.pop("per_example")
     writer.write({
         **common, "key": key, "task": "finetune", "dataset": dataset, "primary_metric": "top1",
         "metrics": clean, "hparams": hparams, "num_eval": out["num_eval"],
         "train": {"steps": out["steps"], "resumed_from": out["resumed_from"], "losses": out["losses"]},
         "wall_time_s": {"task": time.time() - t0, "train": out["train_seconds"]},
+        "metrics_per_example": per_example.tolist(),
     })
     for shift, ood_key in zip(shifts, ood_keys, strict=True):
         t1 = time.time()
@@ -138,7 +139,7 @@ def run(name: str, weights, label: str, tasks, *, config, data, mesh, workdir: p
                                                    data_dir=config.dataset.data_dir or None)
         metrics = evaluate_model(model, source, preprocess=pre, batch_size=ft.eval_batch_size or ft.batch_size,
                                  mesh=mesh, class_subset=subset, label_map=label_map, num_threads=ft.num_threads)
-        num_eval = metrics.pop("num_eval")
+        num_eval, per_example = metrics.pop("num_eval"), metrics.pop("per_example")
         # The clean accuracy travels with every shifted result: the OOD drop is read off one record.
         metrics["clean_top1"] = clean["top1"]
         writer.write({
@@ -147,6 +148,7 @@ def run(name: str, weights, label: str, tasks, *, config, data, mesh, workdir: p
             "hparams": {**hparams, "shift": shift.name, "ood_seed": config.ood.seed, "finetune_key": key,
                         "ood_source": source.describe()},
             "wall_time_s": {"task": time.time() - t1},
+            "metrics_per_example": per_example.tolist(),
         })
 
 

@@ -332,13 +332,14 @@ def make_eval_step(graphdef, mesh, preprocess, class_subset: tuple[int, ...] | N
         conf = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
         bins = jnp.clip(jnp.ceil(conf * ECE_BINS).astype(jnp.int32) - 1, 0, ECE_BINS - 1)
         onehot = jax.nn.one_hot(bins, ECE_BINS) * mask[:, None]
-        return {
+        sums = {
             "count": jnp.sum(mask),
             "correct1": jnp.sum(correct * mask),
             "nll": jnp.sum(nll * mask),
             "bin_conf": jnp.sum(onehot * conf[:, None], axis=0),
             "bin_acc": jnp.sum(onehot * correct[:, None], axis=0),
         }
+        return sums, correct
 
     return jax.jit(step, in_shardings=(rep, rep, data, data, data), out_shardings=rep)
 
@@ -355,14 +356,15 @@ def evaluate(eval_step, params, rest, source, preprocess, *, batch_size: int, me
     from bob_jax.data.pipelines import eval_batches
     from bob_jax.data.transforms import EvalTransform
 
-    totals = None
+    totals, per_example = None, []
     for batch in eval_batches(source, EvalTransform(preprocess), batch_size, num_threads=num_threads):
         labels = batch["label"].astype(np.int32)
         if label_map is not None:
             labels = np.where(batch["mask"], label_map(np.where(batch["mask"], labels, 0)), -1).astype(np.int32)
         b = parallel.shard_batch({"image": batch["image"], "label": labels, "mask": batch["mask"]}, mesh)
-        sums = eval_step(params, rest, b["image"], b["label"], b["mask"])
+        sums, correct = eval_step(params, rest, b["image"], b["label"], b["mask"])
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        per_example.append(np.asarray(correct)[batch["mask"]])
     if totals is None:
         raise ValueError("fine-tuning: the evaluation source is empty.")
     totals = jax.tree.map(lambda v: np.asarray(v, np.float64), jax.device_get(totals))
@@ -372,6 +374,8 @@ def evaluate(eval_step, params, rest, source, preprocess, *, batch_size: int, me
         "nll": float(totals["nll"] / count),
         "ece": float(np.sum(np.abs(totals["bin_acc"] - totals["bin_conf"])) / count),
         "num_eval": int(round(float(count))),
+        # Correctness per example in source order (bootstrap intervals in the report).
+        "per_example": np.concatenate(per_example).astype(np.float64),
     }
 
 
