@@ -1,10 +1,14 @@
-"""Task config: End-to-end fine-tuning (BoB recipe with protocol=bob; a short CPU recipe with protocol=local).
+"""Task config: end-to-end fine-tuning (the original's recipe with protocol=bob; a short CPU
+recipe with protocol=local).
 
-    python -m bob_jax.main --config=configs/tasks/finetune.py --workdir=runs/finetune          # offline default
-    python -m bob_jax.main --config=configs/tasks/finetune.py:backbones=resnet50.a1_in1k+convnext_tiny.fb_in1k,dataset=cifar100,train_size=0,test_size=0,input_size=0 --workdir=...
+    python -m bob_jax.main --config=configs/tasks/finetune.py --workdir=runs/finetune   # offline default
+    python -m bob_jax.main --workdir=runs/finetune_cifar100 \
+        --config=configs/tasks/finetune.py:backbones=resnet50.a1_in1k+convnext_tiny.fb_in1k,dataset=cifar100,\
+train_size=0,test_size=0,input_size=0
 
 Any backbone config combines with the same task: `--config=configs/swin.py:task=finetune`.
-Args: backbones (`+`-separated `[label=]name@weights`), dataset, train_size, test_size, input_size, protocol.
+Args: backbones (`+`-separated `[label=]name@weights`), dataset, train_size, test_size,
+input_size, protocol.
 """
 
 from bob_jax.config_lib import task_config

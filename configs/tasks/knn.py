@@ -1,10 +1,13 @@
-"""Task config: Weighted kNN (DINO: k=20, T=0.07, plus k=10/100 columns) on frozen features.
+"""Task config: weighted kNN on frozen features (DINO: k=20, T=0.07; k=10 and 100 also reported).
 
-    python -m bob_jax.main --config=configs/tasks/knn.py --workdir=runs/knn          # offline default
-    python -m bob_jax.main --config=configs/tasks/knn.py:backbones=resnet50.a1_in1k+convnext_tiny.fb_in1k,dataset=cifar100,train_size=0,test_size=0,input_size=0 --workdir=...
+    python -m bob_jax.main --config=configs/tasks/knn.py --workdir=runs/knn   # offline default
+    python -m bob_jax.main --workdir=runs/knn_cifar100 \
+        --config=configs/tasks/knn.py:backbones=resnet50.a1_in1k+convnext_tiny.fb_in1k,dataset=cifar100,\
+train_size=0,test_size=0,input_size=0
 
 Any backbone config combines with the same task: `--config=configs/swin.py:task=knn`.
-Args: backbones (`+`-separated `[label=]name@weights`), dataset, train_size, test_size, input_size, protocol.
+Args: backbones (`+`-separated `[label=]name@weights`), dataset, train_size, test_size,
+input_size, protocol.
 """
 
 from bob_jax.config_lib import task_config
