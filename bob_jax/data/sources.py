@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 KNOWN_SOURCES = (
-    "fashion_mnist", "digits", "tfds:<name>", "folder:<root>", "revisited:<roxford5k|rparis6k>",
+    "fashion_mnist", "digits", "shapes", "tfds:<name>", "folder:<root>", "revisited:<roxford5k|rparis6k>",
     "bench:<name>",
 )
 
@@ -715,6 +715,10 @@ def get_source(spec: str, split: str = "train", *, data_dir: str | os.PathLike |
         return FashionMNIST(split, data_dir=data_dir, **kwargs)
     if kind == "digits" and not arg:
         return Digits(split, **kwargs)
+    if kind == "shapes" and not arg:
+        from bob_jax.data.shapes import ShapesMultilabel
+
+        return ShapesMultilabel(split, **kwargs)
     if kind == "tfds":
         return TfdsSource(arg, split, data_dir=data_dir, **kwargs)
     if kind == "folder":

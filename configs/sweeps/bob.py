@@ -16,7 +16,8 @@ step fail with instructions and the sweep goes on. `config_set` = `bob` (the ori
 checkpoints and normalisation) or `consistent` (one checkpoint per backbone, its own preprocessing).
 
 `local=true`: the offline grid on the embedded Fashion-MNIST subset (EfficientNet-Lite0 with real weights,
-Lite0 and ResNet-50 at random init; frozen tasks incl. DINOv2's linear eval, fine-tuning with the CPU recipe and OOD on corrupted
+Lite0 and ResNet-50 at random init; frozen tasks incl. DINOv2's linear eval,
+the multi-label probe on the embedded shapes set, fine-tuning with the CPU recipe and OOD on corrupted
 test sets), a few minutes on 2 CPU cores.
 """
 
@@ -92,6 +93,8 @@ def local_grid(a):
     return [
         ("frozen/fashion_mnist", _job(LOCAL_BACKBONES, "fashion_mnist", splits,
                                       ("linear_probe", "linear_multihead", "knn", "retrieval"), **sizes)),
+        ("multilabel/shapes", _job(LOCAL_BACKBONES, "shapes", splits, ("multilabel_probe",), train_size=0,
+                                   test_size=0, input_size=64)),
         *[(f"ood/fashion_mnist/lr={float(lr):g}",
            _job(LOCAL_BACKBONES, "fashion_mnist", splits, ("finetune", "ood"), lr=float(lr), **sizes))
           for lr in a.lrs],

@@ -668,3 +668,21 @@ def test_get_source_keeps_existing_names(tmp_path, mock_tfds):
         flowers = S.get_source("flowers102", "val")  # BoB's spelling, through the alias table
         assert flowers.describe()["dataset"]["physical_split"] == "validation"
         assert isinstance(S.get_source("tfds:cifar100", "test"), S.TfdsSource)  # tfds: keeps its meaning
+
+
+def test_embedded_shapes_multilabel_source():
+    from bob_jax.data.sources import get_source
+    from bob_jax.detection.synthetic import render_scene
+
+    train = get_source("shapes", "train", train_size=6, test_size=4, size=32, seed=3)
+    test = get_source("shapes", "test", train_size=6, test_size=4, size=32, seed=3)
+    assert (len(train), len(test), train.num_classes, train.multilabel) == (6, 4, 5, True)
+    labels = test.labels()
+    assert labels.shape == (4, 5) and labels.dtype == np.float32
+    for i in range(4):  # test image i is scene 6 + i: disjoint from train, targets = classes present
+        image, instances = render_scene(3, 6 + i, 32)
+        np.testing.assert_array_equal(test[i]["image"], image)
+        np.testing.assert_array_equal(labels[i], np.isin(np.arange(5), [c for c, _ in instances]))
+    assert train.describe()["origin"]["first_index"] == 0 and test.describe()["origin"]["first_index"] == 6
+    with pytest.raises(ValueError, match="split"):
+        get_source("shapes", "val")

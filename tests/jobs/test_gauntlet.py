@@ -132,7 +132,7 @@ def test_sweep_files_enumerate_valid_grids():
     assert bob["ood/imagenet2012/lr=0.001"].ood.shifts[0] == "imagenet_a"
     local = sweep.load_sweep(str(ROOT / "configs/sweeps/bob.py") + ":local=true,lrs=1e-3+5e-4")
     assert local[0][1].tasks == ("linear_probe", "linear_multihead", "knn", "retrieval")
-    assert [n for n, _ in local] == ["frozen/fashion_mnist", "ood/fashion_mnist/lr=0.001",
+    assert [n for n, _ in local] == ["frozen/fashion_mnist", "multilabel/shapes", "ood/fashion_mnist/lr=0.001",
                                      "ood/fashion_mnist/lr=0.0005"]
 
 
