@@ -37,9 +37,9 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from bob_jax.detection.layers import ConvTranspose2x2, uniform
 from bob_jax.models.vit import LayerNorm
 
 INITS = ("c2_xavier", "torch_default", "xavier_uniform")
@@ -48,30 +48,20 @@ DETECTRON2_LN_EPS = 1e-6  # detectron2.layers.LayerNorm (get_norm("LN"))
 MMCV_LN_EPS = 1e-5  # torch nn.LayerNorm default, what mmcv's build_norm_layer("LN") builds
 
 
-def _uniform(key, shape, bound: float):
-    """U(-bound, bound). Eagerly drawn with numpy seeded by the key's bits (eager jax.random compiles
-    once per shape, ~2 s each on a 2-core CPU); under a trace (`nnx.eval_shape`, `nnx.jit`) with
-    jax.random: the same distribution, other draws."""
-    if isinstance(key, jax.core.Tracer):
-        return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
-    return jnp.asarray(rng.uniform(-bound, bound, shape), jnp.float32)
-
-
 def _conv_weight(key, shape, init: str, fan_in: int, fan_out: int):
     if init == "c2_xavier":  # kaiming_uniform_(a=1): gain sqrt(2 / (1 + 1)), bound gain * sqrt(3 / fan_in)
-        return _uniform(key, shape, math.sqrt(3.0 / fan_in))
+        return uniform(key, shape, math.sqrt(3.0 / fan_in))
     if init == "torch_default":  # kaiming_uniform_(a=sqrt(5))
-        return _uniform(key, shape, 1.0 / math.sqrt(fan_in))
+        return uniform(key, shape, 1.0 / math.sqrt(fan_in))
     if init == "xavier_uniform":
-        return _uniform(key, shape, math.sqrt(6.0 / (fan_in + fan_out)))
+        return uniform(key, shape, math.sqrt(6.0 / (fan_in + fan_out)))
     raise ValueError(f"init={init!r} is not supported; use one of {INITS}")
 
 
 def _bias(key, n: int, init: str, fan_in: int):
     # PyTorch's default conv bias is U(+-1/sqrt(fan_in)); detectron2 c2_xavier and mmcv Xavier zero it.
     if init == "torch_default":
-        return _uniform(key, (n,), 1.0 / math.sqrt(fan_in))
+        return uniform(key, (n,), 1.0 / math.sqrt(fan_in))
     return jnp.zeros((n,), jnp.float32)
 
 
@@ -99,24 +89,6 @@ class Conv2d(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return self.norm(y) if self.norm is not None else y
-
-
-class ConvTranspose2x2(nnx.Module):
-    """`nn.ConvTranspose2d(in, out, kernel_size=2, stride=2)`: out[2i + a, 2j + b] = x[i, j] @ K[a, b]
-    + bias. Kernel [2, 2, in, out] = torch weight [in, out, 2, 2].permute(2, 3, 0, 1) (no flip: with
-    stride = kernel the windows do not overlap). PyTorch default init."""
-
-    def __init__(self, in_ch: int, out_ch: int, *, rngs: nnx.Rngs):
-        fan_in = out_ch * 4  # torch's _calculate_fan_in_and_fan_out reads dim 1 of [in, out, k, k]
-        self.kernel = nnx.Param(_uniform(rngs.params(), (2, 2, in_ch, out_ch), 1.0 / math.sqrt(fan_in)))
-        self.bias = nnx.Param(_uniform(rngs.params(), (out_ch,), 1.0 / math.sqrt(fan_in)))
-        self.dtype = None
-
-    def __call__(self, x):
-        dtype = self.dtype or self.kernel[...].dtype
-        b, h, w, _ = x.shape
-        y = jnp.einsum("bhwi,acio->bhawco", x.astype(dtype), self.kernel[...].astype(dtype))
-        return y.reshape(b, 2 * h, 2 * w, -1) + self.bias[...].astype(dtype)
 
 
 class GELU(nnx.Module):

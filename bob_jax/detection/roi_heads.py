@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -56,6 +55,7 @@ from flax import nnx
 from bob_jax import ops
 from bob_jax.detection import postprocess
 from bob_jax.detection.box_coder import BoxCoder, giou_loss, smooth_l1_loss
+from bob_jax.detection.layers import ConvTranspose2x2, msra_fill, normal_init, xavier_fill
 from bob_jax.detection.matcher import Matcher, sample_labels
 from bob_jax.models import layers
 
@@ -65,23 +65,6 @@ BOX_LOSSES = ("smooth_l1", "giou")
 # A positive-size placeholder box for entries whose regression targets are masked out: encoding it
 # against itself gives finite zeros, so no inf/NaN reaches a masked sum or its gradient.
 _UNIT_BOX = np.array([0.0, 0.0, 1.0, 1.0], np.float32)
-
-
-# --------------------------------------------------------------------------------------------------
-# Initialisers (detectron2 `weight_init` and `FastRCNNOutputLayers` / `MaskRCNNConvUpsampleHead`)
-# --------------------------------------------------------------------------------------------------
-
-
-def msra_fill(key, shape, dtype=jnp.float32):
-    """`c2_msra_fill` for an HWIO conv kernel: normal with std sqrt(2 / (kh * kw * out))."""
-    kh, kw, _, out = shape
-    return jax.random.normal(key, shape, dtype) * math.sqrt(2.0 / (kh * kw * out))
-
-
-def xavier_fill(key, shape, dtype=jnp.float32):
-    """`c2_xavier_fill` (kaiming_uniform a=1) for a [in, out] kernel: U(-sqrt(3 / in), sqrt(3 / in))."""
-    bound = math.sqrt(3.0 / shape[0])
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,25 +94,6 @@ class ConvNormReLU(nnx.Module):
         if self.norm is not None:
             x = self.norm(x)
         return jax.nn.relu(x)
-
-
-class ConvTranspose2x2(nnx.Module):
-    """`torch.nn.ConvTranspose2d(c_in, c_out, kernel_size=2, stride=2, padding=0)` on NHWC maps.
-
-    Stride equals kernel size, so every output pixel (2i + a, 2j + b) receives exactly one input pixel
-    (i, j) through tap (a, b): an einsum and a reshape. `kernel[a, b, i, o]` is torch's `weight[i, o, a, b]`.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, *, rngs: nnx.Rngs):
-        # c2_msra_fill on torch's [in, out, 2, 2] weight: torch's fan_out of that tensor is in * 4.
-        std = math.sqrt(2.0 / (in_channels * 4))
-        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (2, 2, in_channels, out_channels)) * std)
-        self.bias = nnx.Param(jnp.zeros((out_channels,)))
-
-    def __call__(self, x):
-        n, h, w, _ = x.shape
-        y = jnp.einsum("nhwi,abio->nhawbo", x, self.kernel[...].astype(x.dtype))
-        return y.reshape(n, 2 * h, 2 * w, -1) + self.bias[...].astype(x.dtype)
 
 
 class BoxHead(nnx.Module):
@@ -184,11 +148,11 @@ class FastRCNNPredictor(nnx.Module):
     def __init__(self, in_dim: int, num_classes: int, *, class_agnostic: bool, rngs: nnx.Rngs):
         zeros = nnx.initializers.zeros_init()
         self.cls_score = nnx.Linear(
-            in_dim, num_classes + 1, kernel_init=nnx.initializers.normal(0.01), bias_init=zeros, rngs=rngs
+            in_dim, num_classes + 1, kernel_init=normal_init(0.01), bias_init=zeros, rngs=rngs
         )
         num_deltas = 4 if class_agnostic else 4 * num_classes
         self.bbox_pred = nnx.Linear(
-            in_dim, num_deltas, kernel_init=nnx.initializers.normal(0.001), bias_init=zeros, rngs=rngs
+            in_dim, num_deltas, kernel_init=normal_init(0.001), bias_init=zeros, rngs=rngs
         )
 
     def __call__(self, x):
@@ -216,13 +180,13 @@ class MaskHead(nnx.Module):
         for k in range(num_convs):
             setattr(self, f"mask_fcn{k + 1}", ConvNormReLU(channels, conv_dim, norm=norm, rngs=rngs))
             channels = conv_dim
-        self.deconv = ConvTranspose2x2(channels, conv_dim, rngs=rngs)
+        self.deconv = ConvTranspose2x2(channels, conv_dim, init="msra", rngs=rngs)
         self.predictor = nnx.Conv(
             conv_dim,
             num_classes,
             (1, 1),
             padding="VALID",
-            kernel_init=nnx.initializers.normal(0.001),
+            kernel_init=normal_init(0.001),
             bias_init=nnx.initializers.zeros_init(),
             rngs=rngs,
         )

@@ -28,9 +28,10 @@ from flax import nnx
 from bob_jax import ops
 from bob_jax.detection.anchors import AnchorGenerator
 from bob_jax.detection.box_coder import BoxCoder, giou_loss, smooth_l1_loss
+from bob_jax.detection.layers import normal_init
 from bob_jax.detection.matcher import Matcher, sample_labels
 
-_INIT = {"kernel_init": nnx.initializers.normal(stddev=0.01), "bias_init": nnx.initializers.zeros_init()}
+_INIT = {"kernel_init": normal_init(0.01), "bias_init": nnx.initializers.zeros_init()}
 
 
 def _conv(in_ch: int, out_ch: int, kernel_size: int, rngs: nnx.Rngs) -> nnx.Conv:
