@@ -21,7 +21,7 @@ _CACHE = flags.DEFINE_string(
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
-JOBS = ("battle",)
+JOBS = ("battle", "detection")
 
 
 def main(argv):
@@ -46,13 +46,15 @@ def main(argv):
     from rich.console import Console
 
     from bob_jax import battle
+    from bob_jax.detection import job as detection_job
 
+    run_job = {"battle": battle.run, "detection": detection_job.run}[config.job]
     console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     from bob_jax.convert import ConversionError
     from bob_jax.io import CheckpointError, WeightsUnavailableError
 
     try:
-        out = battle.run(config, _WORKDIR.value, console=console)
+        out = run_job(config, _WORKDIR.value, console=console)
     except (WeightsUnavailableError, CheckpointError, ConversionError, FileNotFoundError) as e:
         # Problems with the user's inputs: the message says what is wrong and how to fix it.
         sys.exit(f"error: {e}")

@@ -30,6 +30,7 @@ pycocotools bbox (and segm) AP (`coco_eval.evaluate_coco`), over the categories 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -165,13 +166,22 @@ def weight_decay_mask(params):
 
 
 def make_optimizer(model: Detector, params, config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with the schedule, per-parameter lr scales (`lr_scales`) and weight-decay mask."""
+    return _optimizer(config, jax.tree.structure(params), tuple(jax.tree.leaves(lr_scales(
+        model, params, config.layer_decay))), tuple(jax.tree.leaves(weight_decay_mask(params))))
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer(config: TrainConfig, treedef, scales: tuple[float, ...], decay_mask: tuple[bool, ...]):
+    # Cached on hashable inputs, so a second run of the same detector gets the same optimiser and,
+    # through `make_train_step`'s cache, the same compiled step (e.g. a resumed run in one process).
     from bob_jax.tasks.finetune import adamw_layer_decay
 
     return adamw_layer_decay(
         lr_schedule(config),
         weight_decay=config.weight_decay,
-        lr_scales=lr_scales(model, params, config.layer_decay),
-        decay_mask=weight_decay_mask(params),
+        lr_scales=jax.tree.unflatten(treedef, scales),
+        decay_mask=jax.tree.unflatten(treedef, decay_mask),
     )
 
 
@@ -187,6 +197,7 @@ def split_model(model: Detector, protocol: str):
     return nnx.split(model, trainable_filter(protocol), nnx.Param, ...)
 
 
+@functools.lru_cache(maxsize=8)
 def make_train_step(graphdef, tx, mesh):
     """Jitted `step(params, frozen, rest, opt_state, batch, key) -> (params, rest, opt_state, losses)`.
 
@@ -218,6 +229,7 @@ def make_train_step(graphdef, tx, mesh):
     )
 
 
+@functools.lru_cache(maxsize=8)
 def make_detect_step(graphdef, mesh):
     """Jitted `detect(params, frozen, rest, images, image_sizes) -> detections` (eval-mode graphdef)."""
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)

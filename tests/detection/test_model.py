@@ -220,7 +220,7 @@ def test_plain_vit_mask_rcnn_one_step_finetunes_the_trunk():
     assert all(np.isfinite(v) for v in losses.values())
     assert np.isclose(losses["total"], sum(v for k, v in losses.items() if k != "total"), rtol=1e-5)
     assert not jax.tree.leaves(frozen0)  # nothing is frozen
-    flat0, flat1 = dict(nnx.to_flat_state(params0)), dict(nnx.to_flat_state(params1))
+    flat0, flat1 = _flat(params0), _flat(params1)
     trunk = [p for p in flat0 if p[0] == "trunk"]
     assert trunk and all(np.all(np.isfinite(flat1[p][...])) for p in flat1)
     moved = [p for p in trunk if not np.array_equal(flat0[p][...], flat1[p][...])]
@@ -233,3 +233,96 @@ def test_dataclass_is_hashable_and_records_as_json():
     cfg = tiny()
     assert hash(cfg) == hash(dataclasses.replace(cfg))
     json.dumps(dataclasses.asdict(cfg))
+
+
+# -------------------------------------------------------------------------------------------------- training
+
+
+def _flat(state) -> dict:
+    """{path tuple: value} of an nnx State (Variable wrappers removed)."""
+    return {path: var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def test_lr_schedule_warms_up_linearly_then_steps_down_at_27_and_33_of_36():
+    from bob_jax.detection.train import TrainConfig, lr_schedule
+
+    cfg = TrainConfig(steps=360, lr=2e-4, warmup_steps=100, warmup_factor=0.001)
+    schedule = lr_schedule(cfg)
+    want = {0: 2e-4 * 0.001, 50: 2e-4 * (0.001 + 0.999 * 0.5), 100: 2e-4, 269: 2e-4, 270: 2e-5, 329: 2e-5,
+            330: 2e-6, 359: 2e-6}
+    for step, value in want.items():
+        assert np.isclose(float(schedule(step)), value, rtol=1e-6), step
+
+
+def test_finetune_lr_scales_follow_the_trunks_layer_ids_and_leave_heads_at_one(lite0_detector):
+    from bob_jax.detection import train as train_lib
+    from bob_jax.tasks.finetune import layer_decay_scales
+
+    det = lite0_detector
+    params = nnx.state(det, nnx.Param)
+    scales = _flat(train_lib.lr_scales(det, params, 0.7))
+    # the classification fine-tuning's scales (checked there against timm's param_groups_layer_decay)
+    trunk = _flat(layer_decay_scales(det.trunk, 0.7))
+    assert trunk and all(scales[("trunk", *path)] == value for path, value in trunk.items())
+    assert min(trunk.values()) < 0.7**5  # the stem is decayed many times
+    assert all(v == 1.0 for path, v in scales.items() if path[0] != "trunk")
+    mask = _flat(train_lib.weight_decay_mask(params))
+    assert mask[("trunk", "conv_stem", "kernel")] and not mask[("trunk", "bn1", "bias")]
+    assert mask[("roi_heads", "box_predictor", "cls_score", "kernel")]
+    assert not mask[("roi_heads", "box_predictor", "cls_score", "bias")]
+
+
+def test_plain_vit_lr_scales_are_detectron2s_vitdet_rule():
+    from bob_jax.detection import train as train_lib
+
+    det = Detector(tiny(backbone=VIT, weights=None))
+    params = nnx.state(det, nnx.Param)
+    scales = _flat(train_lib.lr_scales(det, params, 0.7))
+    depth = 12
+    assert np.isclose(scales[("trunk", "pos_embed")], 0.7 ** (depth + 1))
+    assert np.isclose(scales[("trunk", "patch_embed", "proj", "kernel")], 0.7 ** (depth + 1))
+    for i in (0, 5, 11):  # get_vit_lr_decay_rate: blocks.i -> decay ** (depth - i)
+        assert np.isclose(scales[("trunk", "blocks", i, "attn", "rel_pos_h")], 0.7 ** (depth - i))
+    assert scales[("neck", "simfp_2", 0, "kernel")] == 1.0
+    mask = _flat(train_lib.weight_decay_mask(params))
+    assert not mask[("trunk", "pos_embed")] and mask[("trunk", "blocks", 0, "attn", "rel_pos_h")]
+
+
+@pytest.fixture
+def shapes_dir(tmp_path):
+    from bob_jax.detection.synthetic import write_coco_dataset
+
+    return write_coco_dataset(tmp_path / "data", "train", 4, seed=3, size=(48, 64))
+
+
+def test_training_resumes_exactly_and_evaluates_with_pycocotools(shapes_dir, tmp_path):
+    """3 steps with a checkpoint after each; the last checkpoint is deleted and the run restarted: it
+    resumes at step 2 from the saved iterator state and ends bit-identical."""
+    import shutil
+
+    from bob_jax import parallel
+    from bob_jax.detection.data import CocoDetection
+    from bob_jax.detection.train import TrainConfig, train
+
+    source = CocoDetection(*shapes_dir, filter_empty=True)
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    cfg = TrainConfig(steps=3, batch_size=2, lr=1e-3, warmup_steps=1, checkpoint_every=1, log_every=1,
+                      num_threads=1)
+    workdir = tmp_path / "run"
+    first = train(Detector(tiny(num_classes=5)), source, cfg, mesh=mesh, workdir=str(workdir), progress=False)
+    assert first.steps == 3 and first.resumed_from == 0 and len(first.losses) == 3
+    shutil.rmtree(workdir / "checkpoints" / "3")
+    second = train(Detector(tiny(num_classes=5)), source, cfg, mesh=mesh, workdir=str(workdir), progress=False)
+    assert second.resumed_from == 2 and second.steps == 3
+    assert second.losses[-1] == first.losses[-1]
+    for a, b in zip(jax.tree.leaves(first.state), jax.tree.leaves(second.state)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="different detection run"):
+        train(Detector(tiny(num_classes=5)), source, dataclasses.replace(cfg, lr=2e-3), mesh=mesh,
+              workdir=str(workdir), progress=False)
+
+    metrics = second.evaluate(source, batch_size=3, mesh=mesh, num_threads=1)
+    assert metrics["num_images"] == 4 and set(metrics) >= {"bbox", "segm"}
+    for iou_type in ("bbox", "segm"):
+        assert set(metrics[iou_type]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+        assert all(np.isnan(v) or 0.0 <= v <= 1.0 for v in metrics[iou_type].values())
