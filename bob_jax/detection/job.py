@@ -60,6 +60,13 @@ def _coco_spec(spec: str, *, category_names, with_masks: bool, filter_empty: boo
                          filter_empty=filter_empty)
 
 
+def _set_name(source) -> str:
+    """A COCO-format set's name: its json's stem (instances_val2017), or the folder holding a generically
+    named json (<name>/annotations.json, as `synthetic.write_coco_dataset` writes)."""
+    path = pathlib.Path(source.ann_json)
+    return path.parent.name if path.stem == "annotations" else path.stem
+
+
 def load_datasets(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, with_masks: bool, image_size: int):
     """(train, test or None, ood or None) as `DataSpec`s for the `dataset` config section; the synthetic
     set is drawn at `image_size` (the detector's input)."""
@@ -83,14 +90,23 @@ def load_datasets(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *, with
         return _coco_spec(spec, category_names=names, with_masks=with_masks, filter_empty=filter_empty)
 
     train = load(cfg.name, True)
-    base = cfg.dataset_name or pathlib.Path(train.ann_json).stem
-    test = DataSpec(load(cfg.test, False), base, pathlib.Path(cfg.test).stem) if cfg.test else None
+    base = cfg.dataset_name or _set_name(train)
+    test = None
+    if cfg.test:
+        test_source = load(cfg.test, False)
+        test = DataSpec(test_source, base, _set_name(test_source))
     ood = None
     if cfg.ood:
         ood_source = load(cfg.ood, False)
-        ood = DataSpec(ood_source, f"{base}~{cfg.ood_name or pathlib.Path(ood_source.ann_json).stem}", "ood")
+        ood = DataSpec(ood_source, f"{base}~{cfg.ood_name or _set_name(ood_source)}", "ood")
     if test is None and ood is None:
         raise ValueError("a COCO-format training set needs dataset.test and/or dataset.ood to evaluate on")
+    for spec in (test, ood):
+        if spec is not None and spec.source.class_names != train.class_names:
+            raise ValueError(
+                f"{spec.source.ann_json} has classes {spec.source.class_names}, the training set "
+                f"{train.class_names}: select the shared ones with dataset.category_names"
+            )
     return DataSpec(train, base, "train"), test, ood
 
 

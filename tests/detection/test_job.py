@@ -138,3 +138,39 @@ def test_config_presets_and_bad_args_are_named(tmp_path):
     with pytest.raises(ValueError, match="coco:<annotations.json>:<image_dir>"):
         job.load_datasets(detection.get_config("dataset=voc:/x").dataset, tmp_path, with_masks=True,
                           image_size=64)
+
+
+def test_coco_format_datasets_with_a_category_selection(tmp_path):
+    """The real-data path (`coco:<json>:<dir>`), here on written synthetic sets: names, splits, the class
+    selection shared by train and evaluation sets, and the errors that name the fix."""
+    from bob_jax.detection import job
+    from bob_jax.detection.synthetic import write_coco_dataset
+
+    specs = {}
+    for split, shift in (("train", False), ("val", False), ("night", True)):
+        ann, images = write_coco_dataset(tmp_path, split, 3, seed=0, size=64, shift=shift)
+        specs[split] = f"coco:{ann}:{images}"
+    cfg = _detection_config_module().get_config(
+        f"dataset={specs['train']},test_dataset={specs['val']},ood_dataset={specs['night']},categories=circle+star"
+    ).dataset
+    train, test, ood = job.load_datasets(cfg, tmp_path, with_masks=True, image_size=64)
+    assert train.source.class_names == test.source.class_names == ood.source.class_names == ("circle", "star")
+    assert train.source.filter_empty and not test.source.filter_empty
+    assert (train.name, test.name, ood.name) == ("train", "train", "train~night")
+    assert (train.split, test.split, ood.split) == ("train", "val", "ood")
+
+    cfg.test, cfg.ood = "", ""
+    with pytest.raises(ValueError, match="dataset.test and/or dataset.ood"):
+        job.load_datasets(cfg, tmp_path, with_masks=True, image_size=64)
+    # an evaluation set whose classes differ from the training set's (no "star" category)
+    ann, images = write_coco_dataset(tmp_path, "other", 2, seed=0, size=64)
+    coco = json.loads(ann.read_text())
+    coco["categories"] = [c for c in coco["categories"] if c["name"] != "star"]
+    coco["annotations"] = [a for a in coco["annotations"] if a["category_id"] != 5]
+    ann.write_text(json.dumps(coco))
+    cfg.test, cfg.category_names = f"coco:{ann}:{images}", ()
+    with pytest.raises(ValueError, match="category_names"):
+        job.load_datasets(cfg, tmp_path, with_masks=True, image_size=64)
+    cfg.category_names = ("circle", "square")
+    train, test, _ = job.load_datasets(cfg, tmp_path, with_masks=True, image_size=64)
+    assert train.source.num_classes == test.source.num_classes == 2
