@@ -26,6 +26,8 @@ ood_dataset (coco:<json>:<dir>; with the synthetic set: its test split and shift
 CPU-sized model and schedule, recorded as protocol "local"; bob: the original's, protocol "bob").
 """
 
+import dataclasses
+
 import ml_collections
 
 from bob_jax.config_lib import lock, parse_arg
@@ -34,39 +36,48 @@ LOCAL = "local"
 BOB = "bob"
 
 
+def _section(dataclass, values: dict, exclude=()) -> ml_collections.ConfigDict:
+    """Every field of `dataclass` (so that any can be overridden on the command line), its defaults
+    replaced by `values`."""
+    fields = {f.name: f.default for f in dataclasses.fields(dataclass) if f.name not in exclude}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{dataclass.__name__} has no field(s) {unknown}")
+    return ml_collections.ConfigDict({**fields, **values})
+
+
 def _model(recipe: str, head: str, neck: str, image_size: int) -> ml_collections.ConfigDict:
     """DetectorConfig fields besides backbone/weights/num_classes/seed."""
-    if recipe == BOB:  # detectron2 / the original's widths and sizes
-        return ml_collections.ConfigDict(dict(
-            head=head, neck=neck, image_size=image_size or 1024, drop_path_rate=0.1, neck_channels=256,
-            box_head_convs=4, box_head_conv_dim=256, box_head_fc_dim=1024, mask_head_convs=4,
-            mask_head_conv_dim=256, rpn_pre_nms_topk=(2000, 1000), rpn_post_nms_topk=(1000, 1000),
-            roi_batch_size_per_image=512, detections_per_image=100, cascade_style="mmdet",
-        ))
-    # Narrow heads, 64 RoIs per image: a few hundred CPU steps at 128 px (the overfitting test's model).
-    return ml_collections.ConfigDict(dict(
-        head=head, neck=neck, image_size=image_size or 128, drop_path_rate=0.0, neck_channels=64,
-        box_head_convs=0, box_head_conv_dim=64, box_head_fc_dim=256, mask_head_convs=2, mask_head_conv_dim=64,
-        rpn_pre_nms_topk=(256, 256), rpn_post_nms_topk=(128, 128), rpn_batch_size_per_image=128,
-        roi_batch_size_per_image=64, detections_per_image=50, cascade_style="detectron2",
-    ))
+    from bob_jax.detection.model import DetectorConfig
+
+    if recipe == BOB:  # detectron2 / the original's widths and sizes (DetectorConfig's defaults)
+        values = dict(head=head, neck=neck, image_size=image_size or 1024, drop_path_rate=0.1,
+                      cascade_style="mmdet")
+    else:  # narrow heads, 64 RoIs per image: a few hundred CPU steps at 128 px (the overfitting test's model)
+        values = dict(
+            head=head, neck=neck, image_size=image_size or 128, drop_path_rate=0.0, neck_channels=64,
+            box_head_convs=0, box_head_conv_dim=64, box_head_fc_dim=256, mask_head_convs=2, mask_head_conv_dim=64,
+            rpn_pre_nms_topk=(256, 256), rpn_post_nms_topk=(128, 128), rpn_batch_size_per_image=128,
+            roi_batch_size_per_image=64, detections_per_image=50, cascade_style="detectron2",
+        )
+    return _section(DetectorConfig, values, exclude=("backbone", "weights", "num_classes", "seed"))
 
 
 def _train(recipe: str, protocol: str, steps: int, batch_size: int, lr: float) -> ml_collections.ConfigDict:
+    """TrainConfig fields besides seed, plus `epochs` (the length when steps is 0)."""
+    from bob_jax.detection.train import TrainConfig
+
     if recipe == BOB:  # AdamW wd 0.05, warm-up 1,000, x0.1 at epochs 27 and 33 of 36, LSJ 0.1-2.0
-        return ml_collections.ConfigDict(dict(
-            protocol=protocol, steps=steps, batch_size=batch_size or 16, lr=lr or 1e-4, weight_decay=0.05,
-            warmup_steps=1000, warmup_factor=0.001, decay_at=(27 / 36, 33 / 36), layer_decay=0.7,
-            lsj_scale=(0.1, 2.0), flip_p=0.5, max_instances=100, checkpoint_every=5000, log_every=50,
-            num_threads=8, epochs=36,
-        ))
-    # Heads trained from scratch in a few hundred steps: a larger lr, milder jitter.
-    return ml_collections.ConfigDict(dict(
-        protocol=protocol, steps=steps or 300, batch_size=batch_size or 8, lr=lr or 1e-3, weight_decay=0.05,
-        warmup_steps=20, warmup_factor=0.001, decay_at=(27 / 36, 33 / 36), layer_decay=0.7,
-        lsj_scale=(0.8, 1.25), flip_p=0.5, max_instances=16, checkpoint_every=100, log_every=25, num_threads=2,
-        epochs=36,
-    ))
+        values = dict(protocol=protocol, steps=steps, batch_size=batch_size or 16, lr=lr or 1e-4,
+                      checkpoint_every=5000, num_threads=8)
+    else:  # heads trained from scratch in a few hundred steps: a larger lr, milder jitter
+        values = dict(
+            protocol=protocol, steps=steps or 300, batch_size=batch_size or 8, lr=lr or 1e-3, warmup_steps=20,
+            lsj_scale=(0.8, 1.25), max_instances=16, checkpoint_every=100, log_every=25, num_threads=2,
+        )
+    section = _section(TrainConfig, values, exclude=("seed",))
+    section.epochs = 36
+    return section
 
 
 def get_config(arg=None):
