@@ -11,7 +11,10 @@ Planned modules (fixed-shape, jit-compiled; generic box/RoI ops live in ``bob_ja
 * ``necks`` -- FPN for hierarchical backbones; ``vitdet`` -- ViTDet backbone adaptation and simple pyramid;
 * ``data`` -- COCO-format loading, large-scale jitter / multi-scale resize; ``synthetic`` -- the embedded
   procedurally drawn dataset and its domain-shifted twin; ``coco_eval`` -- pycocotools bbox/segm AP;
-* ``model``, ``train`` -- model assembly (Mask R-CNN / Cascade) and the training/evaluation job.
+* ``layers`` -- the ConvTranspose2x2 and initialisers the necks and heads share;
+* ``model`` -- `Detector` (trunk + neck + RPN + RoI heads: Mask R-CNN, Cascade (Mask) R-CNN);
+* ``train`` -- AdamW schedule, frozen/fine-tuned protocols, jitted train step, COCO evaluation;
+* ``job`` -- `config.job = "detection"`: train, evaluate (test set, shifted set), write records.
 
 Conventions: NHWC images padded to a fixed square size with ``image_sizes`` [B, 2] (h, w); boxes
 (x1, y1, x2, y2) float32 in input pixels; ground truth padded to G instances with class -1 as padding;
