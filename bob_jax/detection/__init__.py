@@ -1,6 +1,6 @@
 """Detection and instance segmentation (issue 6): Mask R-CNN and Cascade Mask R-CNN on every backbone.
 
-Planned modules (fixed-shape, jit-compiled; generic box/RoI ops live in ``bob_jax.ops``):
+Modules (fixed-shape, jit-compiled; generic box/RoI ops live in ``bob_jax.ops``):
 
 * ``box_coder`` -- detectron2 ``Box2BoxTransform`` deltas (dx, dy, dw, dh) with per-stage weights;
 * ``anchors`` -- anchor generator (sizes 32..512 on p2..p6, ratios 0.5/1/2, offset 0);
