@@ -18,14 +18,7 @@ VIT = "vit_small_patch16_224.augreg_in1k"
 SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    # Whole detectors compile here on CPU; XLA's optimisation passes double the compile time and buy
-    # nothing for one step on tiny arrays. Restored for other modules.
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 TINY = {  # a narrow detector at 64 px: the same code paths as the full-size one

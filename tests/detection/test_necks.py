@@ -18,13 +18,7 @@ from bob_jax.detection.vitdet import ViTDetBackbone
 from bob_jax.models.init import ShapeOnlyRngs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """Halves XLA:CPU compile time of these small modules; results stay float32-exact to tolerance."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _randomize(model, seed):

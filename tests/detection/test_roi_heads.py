@@ -20,14 +20,7 @@ from bob_jax.detection import roi_heads as rh
 from bob_jax.detection.box_coder import BoxCoder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    # These tests compile whole heads on CPU; XLA's optimisation passes would double the compile time
-    # and buy nothing for arrays this small. Restored for the tests of other modules.
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 NUM_CLASSES = 2

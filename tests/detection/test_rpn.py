@@ -31,13 +31,7 @@ from bob_jax.detection.rpn import (
 RPN_MATCHER = Matcher((0.3, 0.7), (0, -1, 1), allow_low_quality_matches=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    # Small arrays: XLA's optimisation passes only add compile time. Restored for other modules' tests.
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 # ---------------------------------------------------------------------------------------------- box coder

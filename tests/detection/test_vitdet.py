@@ -20,13 +20,7 @@ from bob_jax.detection.vitdet import ViTDetBackbone
 _TINY = {"num_classes": 0, "depth": 3, "embed_dim": 32, "num_heads": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """Halves XLA:CPU compile time of these small models; results stay float32-exact to tolerance."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _randomize(model, seed):
