@@ -24,6 +24,7 @@ head (mask_rcnn | cascade_mask_rcnn | cascade_rcnn), protocol (frozen | finetune
 ood_dataset (coco:<json>:<dir>; with the synthetic set: its test split and shifted twin), categories
 (`+`-separated class names), image_size, steps (0: 36 epochs), batch_size, lr, seed, recipe (local: the
 CPU-sized model and schedule, recorded as protocol "local"; bob: the original's, protocol "bob").
+Plain ViTs get the ViTDet trunk, EVA-02s EVA-02's own (RoPE, SwiGLU; window 16 under recipe bob).
 """
 
 import dataclasses
@@ -46,13 +47,17 @@ def _section(dataclass, values: dict, exclude=()) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({**fields, **values})
 
 
-def _model(recipe: str, head: str, neck: str, image_size: int) -> ml_collections.ConfigDict:
+def _model(recipe: str, head: str, neck: str, image_size: int, backbone: str) -> ml_collections.ConfigDict:
     """DetectorConfig fields besides backbone/weights/num_classes/seed."""
     from bob_jax.detection.model import DetectorConfig
 
     if recipe == BOB:  # detectron2 / the original's widths and sizes (DetectorConfig's defaults)
         values = dict(head=head, neck=neck, image_size=image_size or 1024, drop_path_rate=0.1,
                       cascade_style="mmdet")
+        if _is_eva02(backbone):  # EVA-02's own detection recipe: window 16 at 1024 px (detectron2's ViTs: 14)
+            from bob_jax.detection.eva02det import EVA02_WINDOW
+
+            values["window_size"] = EVA02_WINDOW
     else:  # narrow heads, 64 RoIs per image: a few hundred CPU steps at 128 px (the overfitting test's model)
         values = dict(
             head=head, neck=neck, image_size=image_size or 128, drop_path_rate=0.0, neck_channels=64,
@@ -61,6 +66,14 @@ def _model(recipe: str, head: str, neck: str, image_size: int) -> ml_collections
             roi_batch_size_per_image=64, detections_per_image=50, cascade_style="detectron2",
         )
     return _section(DetectorConfig, values, exclude=("backbone", "weights", "num_classes", "seed"))
+
+
+def _is_eva02(backbone: str) -> bool:
+    from bob_jax.backbones import zoo
+    from bob_jax.battle import parse_backbone
+
+    family = zoo.ARCH_TO_FAMILY.get(parse_backbone(backbone)[0].partition(".")[0])
+    return family is not None and family.name == "eva"
 
 
 def _train(recipe: str, protocol: str, steps: int, batch_size: int, lr: float) -> ml_collections.ConfigDict:
@@ -115,7 +128,7 @@ def get_config(arg=None):
     c.eval_batch_size = 8
     c.progress = True
     c.force = False
-    c.model = _model(arg.recipe, arg.head, arg.neck, arg.image_size)
+    c.model = _model(arg.recipe, arg.head, arg.neck, arg.image_size, arg.backbone)
     c.train = _train(arg.recipe, arg.protocol, arg.steps, arg.batch_size, arg.lr)
     c.dataset = ml_collections.ConfigDict(dict(
         name=arg.dataset, test=arg.test_dataset, ood=arg.ood_dataset, category_names=tuple(arg.categories),

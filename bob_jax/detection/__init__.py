@@ -9,6 +9,7 @@ Modules (fixed-shape, jit-compiled; generic box/RoI ops live in ``bob_jax.ops``)
 * ``roi_heads`` -- box head (4conv1fc), mask head (28x28), Cascade stages and their losses;
 * ``postprocess`` -- test-time scoring, per-class NMS, mask pasting;
 * ``necks`` -- FPN for hierarchical backbones; ``vitdet`` -- ViTDet backbone adaptation and simple pyramid;
+  ``eva02det`` -- EVA-02's own ViTDet trunk (RoPE, SwiGLU, p14to16) from a zoo EVA-02;
 * ``data`` -- COCO-format loading, large-scale jitter / multi-scale resize; ``synthetic`` -- the embedded
   procedurally drawn dataset and its domain-shifted twin; ``coco_eval`` -- pycocotools bbox/segm AP;
 * ``layers`` -- the ConvTranspose2x2 and initialisers the necks and heads share;

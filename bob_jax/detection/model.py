@@ -6,7 +6,8 @@
   maps at strides 4..32 feed an `FPN`; plain ViTs (DeiT/augreg, DINO, MoCo v3, MAE, CLIP, DINOv2) are
   created the same way and adapted with `ViTDetBackbone.from_vit` (window attention, global blocks,
   relative positions, patch 16) and feed a `SimpleFeaturePyramid` of the chosen variant ("vitdet":
-  detectron2's; "bob": the original's pyramid + FPN_VITDET neck). EVA-02 is not adapted (see vitdet.py).
+  detectron2's; "bob": the original's pyramid + FPN_VITDET neck). EVA-02 gets EVA-02's own ViTDet trunk
+  (`eva02det.Eva02DetBackbone.from_eva`: RoPE, SwiGLU, p14to16) with the same pyramids.
 - the RPN (`rpn.RPN`: one 3x3 conv for FPN, two for the ViTDet recipe, as detectron2's configs);
 - the RoI heads (`roi_heads.StandardROIHeads` for "mask_rcnn", `CascadeROIHeads` for
   "cascade_mask_rcnn" and the box-only "cascade_rcnn" of the OOD-detection protocol).
@@ -159,26 +160,24 @@ class DetectorConfig:
 
 
 def is_plain_vit(model: nnx.Module) -> bool:
+    """A zoo ViT (ViT, DINOv2, CLIP, ...) or EVA-02: a single stride-p map for the simple pyramid."""
+    from bob_jax.models import eva as eva_lib
     from bob_jax.models import vit as vit_lib
 
-    return isinstance(model, vit_lib.VisionTransformer)
+    return isinstance(model, (vit_lib.VisionTransformer, eva_lib.Eva))
 
 
 def _create_trunk(cfg: DetectorConfig) -> tuple[nnx.Module, bool]:
     """(trunk, plain_vit): the zoo backbone without head; plain ViTs adapted to ViTDet."""
     from bob_jax import backbones
-    from bob_jax.detection.vitdet import ViTDetBackbone
+    from bob_jax.detection.eva02det import Eva02DetBackbone
+    from bob_jax.detection.vitdet import ViTDetBackbone, default_global_blocks
 
     arch = cfg.backbone.partition(".")[0]
     family = backbones.zoo.ARCH_TO_FAMILY.get(arch)
     if family is None:
         raise ValueError(f"unknown backbone {cfg.backbone!r}; choose one of backbones.list_backbones()")
-    if family.name == "eva":
-        raise ValueError(
-            f"{cfg.backbone}: EVA-02 needs its own detection trunk (RoPE, SwiGLU; see "
-            "bob_jax/detection/vitdet.py), which is not implemented; use a ViT, DINOv2 or a hierarchical backbone"
-        )
-    plain = family.name == "vit"
+    plain = family.name in ("vit", "eva")
     kwargs = {"num_classes": 0}
     if not plain:
         if cfg.drop_path_rate and "drop_path_rate" not in family.arch_kwargs:
@@ -190,10 +189,17 @@ def _create_trunk(cfg: DetectorConfig) -> tuple[nnx.Module, bool]:
     model = backbones.create(cfg.backbone, weights=cfg.weights, seed=cfg.seed, **kwargs)
     if not plain:
         return model, False
-    trunk = ViTDetBackbone.from_vit(
-        model, img_size=cfg.image_size, window_size=cfg.window_size, variant=cfg.neck,
-        drop_path_rate=cfg.drop_path_rate, patch_resize=cfg.patch_resize,
-    )
+    if family.name == "eva":  # EVA-02's trunk; the neck variant picks the global blocks as for ViTs
+        trunk = Eva02DetBackbone.from_eva(
+            model, img_size=cfg.image_size, window_size=cfg.window_size,
+            global_blocks=default_global_blocks(cfg.neck, model.cfg.depth), drop_path_rate=cfg.drop_path_rate,
+            patch_resize=cfg.patch_resize,
+        )
+    else:
+        trunk = ViTDetBackbone.from_vit(
+            model, img_size=cfg.image_size, window_size=cfg.window_size, variant=cfg.neck,
+            drop_path_rate=cfg.drop_path_rate, patch_resize=cfg.patch_resize,
+        )
     trunk.name, trunk.preprocess, trunk.weights_id = model.name, model.preprocess, model.weights_id
     return trunk, True
 

@@ -38,12 +38,12 @@ pyramid yields strides 4..32. `patch_size=None` keeps 14 (stride-14 map; the pyr
 3.5/7/14/28, which `SimpleFeaturePyramid` rejects because anchors and RoI levels assume powers of two).
 DINOv2 register tokens are dropped with the class token (they have no place in window attention).
 
-EVA-02 (`bob_jax/models/eva.py`) is not adapted here. Its detection backbone
-(`EVA-02/det/detectron2/modeling/backbone/vit.py`) needs, beyond this module: SwiGLU MLPs with sub-LN
-(`mlp.ffn_ln`), separate q/k/v projections without k bias, 2-D RoPE on q and k in every block with two
-tables (window blocks: `pt_seq_len=16`, `ft_seq_len=window`; global blocks: `ft_seq_len=img/patch`),
-the p14to16 patch resize, window 16 at 1024 with 4 global blocks; rel-pos off. `from_vit` rejects EVA
-models with this pointer.
+EVA-02 (`bob_jax/models/eva.py`) has its own trunk in `bob_jax/detection/eva02det.py`
+(`Eva02DetBackbone.from_eva`, after `EVA-02/det/detectron2/modeling/backbone/vit.py`): SwiGLU MLPs with
+sub-LN (`mlp.ffn_ln`), separate q/k/v projections without k bias, 2-D RoPE on q and k in every block
+with two tables (window blocks: `pt_seq_len=16`, `ft_seq_len=window`; global blocks: `ft_seq_len=img/patch`),
+the p14to16 patch and pos-embed resize, window 16 at 1024 with 4 global blocks; rel-pos off. It reuses
+this module's windows, resizes and `lr_decay_layer_id`. `from_vit` rejects EVA models with this pointer.
 """
 
 from __future__ import annotations
@@ -372,7 +372,7 @@ class ViTDetBackbone(nnx.Module):
         if not isinstance(vit, vit_lib.VisionTransformer):
             raise TypeError(
                 f"from_vit needs a bob_jax ViT (bob_jax.models.vit.VisionTransformer), got {type(vit).__name__}; "
-                "EVA-02 needs RoPE/SwiGLU blocks that this module does not adapt (see its docstring)"
+                "EVA-02 goes through bob_jax.detection.eva02det.Eva02DetBackbone.from_eva"
             )
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} is not supported; use one of {VARIANTS}")

@@ -74,11 +74,6 @@ def test_config_errors_name_the_problem(overrides, message):
         tiny(**overrides)
 
 
-def test_eva_trunks_are_rejected_with_a_pointer():
-    with pytest.raises(ValueError, match="EVA-02"):
-        Detector(tiny(backbone="eva02_small_patch14_224.mim_in22k", weights=None))
-
-
 def test_config_maps_head_kinds_to_roi_head_settings():
     assert not tiny().cascade and tiny().mask_on
     cascade = tiny(head="cascade_mask_rcnn").roi_heads_config()
