@@ -44,6 +44,10 @@ and the pos-embed's patch part goes to the grid of the same pre-training image a
 (224 / 16 = 14: `pretrain_img_size=224`, `pretrain_use_cls_token=True`, [1, 197, D] as in EVA-02's
 detection checkpoints), torch-bicubic; the class slot is kept and ignored.
 
+In the `Detector` (`model.py`), the neck variant picks the global blocks as for ViTs ("vitdet":
+detectron2's / EVA-02's indices; "bob": every third block) and `DetectorConfig.window_size` the window
+(`configs/detection.py` sets EVA-02's 16 under recipe bob).
+
 Layer-wise lr decay uses `vitdet.lr_decay_layer_id` unchanged (EVA-02's `get_vit_lr_decay_rate` is
 detectron2's: patch_embed / pos_embed 0, blocks.i i + 1).
 """
