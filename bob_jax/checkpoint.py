@@ -167,6 +167,15 @@ class Checkpointer:
         )
         return restored["state"], _decode_data_state(restored["data"])
 
+    def data_state(self, step: int | None = None) -> dict | bytes | None:
+        """Only the data-iterator state saved with `step` (default: the latest); no arrays are read."""
+        ocp = self._ocp
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"Checkpointer.data_state: no finalised checkpoint in {self.directory}.")
+        restored = self._manager.restore(int(step), args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+        return _decode_data_state(restored["data"])
+
     def metadata(self, step: int | None = None) -> dict:
         """The JSON metadata saved with `step` (default: the latest)."""
         ocp = self._ocp

@@ -100,6 +100,14 @@ def _shard_indices(n: int, shard: tuple[int, int] | None) -> np.ndarray | None:
     return np.arange(index, n, count, dtype=np.int64)
 
 
+def _process_block_indices(num: int, batch_size: int, p: int, n: int) -> np.ndarray:
+    """Source positions of process p's rows of each global batch, in order (see `eval_batches`)."""
+    local = batch_size // n
+    starts = np.arange(math.ceil(num / batch_size), dtype=np.int64) * batch_size + p * local
+    positions = (starts[:, None] + np.arange(local, dtype=np.int64)[None, :]).ravel()
+    return positions[positions < num]
+
+
 def num_eval_batches(num_examples: int, batch_size: int, shard_count: int = 1) -> int:
     """Batches per shard: the same for every shard, so multi-process eval steps stay in lockstep."""
     return math.ceil(math.ceil(num_examples / shard_count) / batch_size)
@@ -132,6 +140,7 @@ def eval_batches(
     *,
     num_workers: int = 0,
     shard: tuple[int, int] | None = None,
+    process: tuple[int, int] | None = None,
     num_threads: int = 4,
     prefetch: int = 4,
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -142,16 +151,29 @@ def eval_batches(
     index -1 and mask False. `shard=(i, n)` reads examples i, i+n, ... (multi-host eval); every shard
     yields `num_eval_batches(len(source), batch_size, n)` batches. `num_threads` batches are built
     concurrently (per worker process with `num_workers > 0`); at most `prefetch` batches wait ahead.
+
+    `process=(p, n)` (multi-host): `batch_size` is the GLOBAL batch; this process yields rows
+    [p * b, (p + 1) * b) of each of the ceil(len(source) / batch_size) global batches (b =
+    batch_size / n), padded where the source ends, so the assembled global batches are exactly the
+    single-process ones and every process runs the same number of steps.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if isinstance(transform, grain.transforms.RandomMap):
         raise TypeError("eval_batches needs a deterministic transform (grain Map), got a RandomMap")
     _check_transform(transform)
-    shard_idx = _shard_indices(len(source), shard)
-    indexed = _Indexed(source, shard_idx)
-    total_batches = num_eval_batches(len(source), batch_size, 1 if shard is None else shard[1])
-    if len(indexed) == 0 and total_batches == 0:
+    if process is not None and shard is not None:
+        raise ValueError("eval_batches: pass shard=(i, n) or process=(p, n), not both")
+    if process is not None:
+        p, n = _check_process(process, batch_size, drop_remainder=True)
+        indices = _process_block_indices(len(source), batch_size, p, n)
+        total_batches = math.ceil(len(source) / batch_size)
+        batch_size //= n
+    else:
+        indices = _shard_indices(len(source), shard)
+        total_batches = num_eval_batches(len(source), batch_size, 1 if shard is None else shard[1])
+    indexed = _Indexed(source, indices)
+    if total_batches == 0:
         return iter(())
 
     ds = grain.MapDataset.source(indexed).map(_EvalMap(transform)).batch(batch_size, drop_remainder=False)
@@ -184,10 +206,11 @@ def eval_batches(
             if close is not None:
                 close()
             del iterator
-        if template is None and total_batches:
-            raise ValueError(
-                "this shard holds no examples, so the padded batch shape is unknown; use fewer shards"
-            )
+        if template is None:
+            # This shard/process holds no example: the padding takes its shapes from example 0.
+            first = _copy_out(_EvalMap(transform).map((0, source[0])))
+            template = {k: (v.shape, v.dtype) for k, v in first.items()}
+            template["mask"] = ((), np.dtype(bool))
         # A shard with fewer examples still yields as many (fully padded) batches as the largest one.
         while emitted < total_batches:
             emitted += 1
@@ -206,6 +229,34 @@ def _pad(batch: dict[str, np.ndarray], batch_size: int, template) -> dict[str, n
     return out
 
 
+def _check_process(process: tuple[int, int] | None, batch_size: int, drop_remainder: bool) -> tuple[int, int]:
+    if process is None:
+        return 0, 1
+    p, n = process
+    if not 0 <= p < n:
+        raise ValueError(f"process=(index, count) needs 0 <= index < count, got {process}")
+    if batch_size % n:
+        raise ValueError(
+            f"the global batch size {batch_size} does not split evenly over {n} processes; use a "
+            f"multiple of {n}."
+        )
+    if n > 1 and not drop_remainder:
+        raise ValueError("process=(p, n) with n > 1 needs drop_remainder=True: every process must "
+                         "see the same number of equally sized batches.")
+    return p, n
+
+
+def _process_batches(ds: grain.MapDataset, batch_size: int, drop_remainder: bool, p: int, n: int):
+    """Process p's part of every global batch: batches of b = batch_size / n, where local batch k holds
+    global positions k * batch_size + p * b + [0, b). The slice is lazy: grain reads only the
+    elements of the batches this process takes."""
+    if n == 1:
+        return ds.batch(batch_size, drop_remainder=drop_remainder)
+    local = batch_size // n
+    num_global = len(ds) // batch_size  # complete global batches (effectively infinite when repeating)
+    return ds.batch(local, drop_remainder=True)[: num_global * n][p::n]
+
+
 def train_dataset(
     source,
     transform,
@@ -217,6 +268,7 @@ def train_dataset(
     drop_remainder: bool = True,
     num_workers: int = 0,
     shard: tuple[int, int] | None = None,
+    process: tuple[int, int] | None = None,
     num_threads: int = 4,
     prefetch: int = 4,
 ) -> grain.IterDataset:
@@ -225,13 +277,20 @@ def train_dataset(
     `transform`: a grain `RandomMap` (e.g. `TrainTransform(preprocess)`; its rng comes from `seed` and
     the element's position in the repeated stream) or `Map`. `num_epochs=None` repeats forever.
     `iter(ds)` gives an iterator with `get_state()` / `set_state(state)` for exact resumption (store
-    the state with the checkpoint). `shard=(i, n)` keeps examples i, i+n, ... before shuffling.
-    `num_threads` / `prefetch` as in `eval_batches`.
+    the state with the checkpoint). `shard=(i, n)` keeps examples i, i+n, ... before shuffling (a
+    different data set per shard). `num_threads` / `prefetch` as in `eval_batches`.
+
+    `process=(p, n)` (multi-host): `batch_size` is the GLOBAL batch and this process yields only its
+    part, rows [p * b, (p + 1) * b) of every global batch (b = batch_size / n), reading only those
+    examples. Shuffling and augmentation are those of the single-process stream, so the assembled
+    global batches do not depend on the process count, and neither does the iterator state (the
+    number of global batches consumed): a checkpoint resumes on any process count.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if num_epochs is not None and num_epochs <= 0:
         raise ValueError(f"num_epochs must be positive or None (forever), got {num_epochs}")
+    p, n = _check_process(process, batch_size, drop_remainder)
     _check_transform(transform)
     indexed = _Indexed(source, _shard_indices(len(source), shard))
     if len(indexed) == 0:
@@ -244,7 +303,7 @@ def train_dataset(
         ds = ds.random_map(_TrainRandomMap(transform))
     else:
         ds = ds.map(_EvalMap(transform))
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset(
+    ds = _process_batches(ds, batch_size, drop_remainder, p, n).to_iter_dataset(
         _read_options(num_threads, prefetch)
     )
     if num_workers > 0:
