@@ -8,11 +8,14 @@ a JAX backend. It decides, in this order:
    `BOB_JAX_COORDINATOR_ADDRESS`, `BOB_JAX_NUM_PROCESSES`, `BOB_JAX_PROCESS_ID`,
    `BOB_JAX_LOCAL_DEVICE_IDS` (an argument wins over its variable). `num_processes=1` is a plain run.
    Values left out are filled in by JAX's cluster detection when a cluster is detected (below).
+   `local_device_ids` are the local devices this process drives: comma-separated ids, or `all`.
 2. A cluster that JAX's own detection (`jax._src.clusters`) can bootstrap, with more than one process:
    SLURM inside an `srun` step (`SLURM_STEP_NODELIST` set and `SLURM_STEP_NUM_TASKS` / `SLURM_NTASKS`
-   > 1), Open MPI's `mpirun` (`OMPI_MCA_orte_hnp_uri`, `OMPI_COMM_WORLD_SIZE` > 1), and Cloud TPU VM
-   slices with several workers (GKE: `TPU_WORKER_HOSTNAMES` / `TPU_PROCESS_ADDRESSES`; GCE: the
-   metadata server's `worker-network-endpoints`; multislice: `MEGASCALE_NUM_SLICES`).
+   > 1; with one task per node that process drives all of its node's GPUs, not only GPU
+   SLURM_LOCALID as JAX's SLURM default assumes), Open MPI's `mpirun` (`OMPI_MCA_orte_hnp_uri`,
+   `OMPI_COMM_WORLD_SIZE` > 1), and Cloud TPU VM slices with several workers (GKE:
+   `TPU_WORKER_HOSTNAMES` / `TPU_PROCESS_ADDRESSES`; GCE: the metadata server's
+   `worker-network-endpoints`; multislice: `MEGASCALE_NUM_SLICES`).
 3. Otherwise it is a single-process run and nothing is initialised: a plain `python -m bob_jax.main`,
    an `sbatch` script outside `srun`, a one-task SLURM job-array element and a single-host TPU VM all
    land here.
