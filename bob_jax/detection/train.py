@@ -43,7 +43,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bob_jax import parallel
+from bob_jax import parallel, preemption
 from bob_jax.detection import coco_eval
 from bob_jax.detection.data import LSJ, TestResize
 from bob_jax.detection.model import TRUNK, Detector, set_train_mode
@@ -423,30 +423,36 @@ def train(model: Detector, source, config: TrainConfig, *, mesh=None, workdir: s
     losses, window, step_times = [], [], []
     start = time.perf_counter()
     step = start_step
+    # SIGTERM / SIGUSR1 / SIGUSR2: checkpoint the current step and raise Preempted (bob_jax.preemption).
     try:
-        while step < config.steps:
-            batch = next(it)
-            step += 1
-            t = time.perf_counter()
-            sharded = parallel.shard_batch(batch, mesh)
-            params, rest, opt_state, out = train_step(params, frozen, rest, opt_state, sharded,
-                                                      jax.random.fold_in(base_key, step))
-            window.append(out)
-            if step % config.log_every == 0 or step == config.steps:
-                means = {k: float(np.mean([float(w[k]) for w in window])) for k in window[0]}
-                if not math.isfinite(means["total"]):
-                    raise FloatingPointError(f"detection training: the loss became {means['total']} by step {step}")
-                losses.append({"step": step, **means})
-                window = []
-                if progress:
-                    print(f"detection step {step}/{config.steps} loss {means['total']:.4f} "
-                          f"lr {float(schedule(step)):.2e}", flush=True)
-            jax.block_until_ready(out["total"])
-            step_times.append(time.perf_counter() - t)
-            if ckpt is not None and (step == config.steps or (config.checkpoint_every
-                                                              and step % config.checkpoint_every == 0)):
-                ckpt.save(step, {"leaves": jax.tree.leaves((params, rest, opt_state))}, it.get_state(),
-                          meta, force=True)
+        with preemption.watch(enabled=ckpt is not None) as watcher:
+            while step < config.steps:
+                batch = next(it)
+                step += 1
+                t = time.perf_counter()
+                sharded = parallel.shard_batch(batch, mesh)
+                params, rest, opt_state, out = train_step(params, frozen, rest, opt_state, sharded,
+                                                          jax.random.fold_in(base_key, step))
+                window.append(out)
+                if step % config.log_every == 0 or step == config.steps:
+                    means = {k: float(np.mean([float(w[k]) for w in window])) for k in window[0]}
+                    if not math.isfinite(means["total"]):
+                        raise FloatingPointError(
+                            f"detection training: the loss became {means['total']} by step {step}")
+                    losses.append({"step": step, **means})
+                    window = []
+                    if progress:
+                        print(f"detection step {step}/{config.steps} loss {means['total']:.4f} "
+                              f"lr {float(schedule(step)):.2e}", flush=True)
+                jax.block_until_ready(out["total"])
+                step_times.append(time.perf_counter() - t)
+                stop = watcher.should_stop(step)  # the same step on every process
+                periodic = config.checkpoint_every and step % config.checkpoint_every == 0
+                if ckpt is not None and (stop or periodic or step == config.steps):
+                    ckpt.save(step, {"leaves": jax.tree.leaves((params, rest, opt_state))}, it.get_state(),
+                              meta, force=True)
+                if stop:
+                    raise preemption.Preempted(step, ckpt.directory, watcher.signal_name)
     finally:
         if ckpt is not None:
             ckpt.close()
