@@ -35,7 +35,13 @@ SIGTERM to a `jax.distributed` process):
 A single-process run (no `jax.distributed`) just reads the flag set by its own handlers.
 
 Outside `watch()` signals keep their default action (SIGTERM/USR1/USR2 end the process): work finished
-so far is in the results store and checkpoints, and a rerun skips or resumes it.
+so far is in the results store and checkpoints, and a rerun skips or resumes it. Under jax.distributed
+the notifier holds SIGTERM for the whole process life instead: the notice is kept, and the next training
+loop stops after its first step (the sync point is the last call counter + 1).
+
+Measured on this machine (2 CPU cores): a SIGUSR1 sent to one of two jax.distributed processes stopped
+both at the same step about 2 s later (the notifier polls once a second); a single process stops at the
+step after the signal.
 """
 
 from __future__ import annotations
