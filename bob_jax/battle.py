@@ -117,10 +117,9 @@ def _needs_train(config: ml_collections.ConfigDict, frozen: list[str]) -> bool:
 
 
 def parse_mesh(spec: str) -> dict[str, int] | None:
-    """`"data=4,model=2"` -> {"data": 4, "model": 2}; empty -> None (all devices on "data")."""
-    if not spec:
-        return None
-    return {k.strip(): int(v) for k, v in (item.split("=") for item in spec.split(","))}
+    """`"data=2,fsdp=4"` -> {"data": 2, "fsdp": 4}; empty -> None (all devices on "data").
+    See `parallel.parse_mesh_spec`."""
+    return parallel.parse_mesh_spec(spec)
 
 
 def _check_weights(specs) -> None:

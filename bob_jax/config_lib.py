@@ -140,7 +140,17 @@ def battle_config(
     c.normalization = "backbone"  # or "imagenet": the original linear probe's fixed ImageNet stats
     c.batch_size = 64
     c.num_workers = 0
-    c.mesh = ""  # "data=-1" style; empty: every device on the "data" axis
+    # Device mesh, "axis=size,...": "data" (data parallel) and/or "fsdp" (parameters and optimiser state
+    # sharded, the batch split over both), one size may be -1; empty: every device on "data". E.g.
+    # --config.mesh=fsdp=-1 or --config.mesh=data=2,fsdp=4 (bob_jax.parallel).
+    c.mesh = ""
+    # Parameter sharding of the trained tasks (finetune, ood): "regex=spec" strings, first full match of
+    # the dotted parameter path wins, unmatched parameters replicated. spec: "fsdp" (largest dimension
+    # divisible by the fsdp axis; small arrays replicated), "replicate", or one entry per dimension
+    # ("fsdp,None", "None,data+fsdp"). Empty: every parameter "fsdp" (replicated without an fsdp axis).
+    # E.g. --config.sharding_rules="('.*[.]kernel=fsdp', '.*=replicate')" (the tuple is a Python literal:
+    # write "[.]" rather than "\." for a literal dot).
+    c.sharding_rules = ()
     c.progress = True
     c.force = False
     c.dataset = ml_collections.ConfigDict(

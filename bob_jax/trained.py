@@ -123,7 +123,8 @@ def run(name: str, weights, label: str, tasks, *, config, data, mesh, workdir: p
     t0 = time.time()
     # Checkpoints under runs/<key>: a rerun resumes, and a finished run is restored without training.
     out = run_finetune(model, data.train, data.test, num_classes=data.num_classes, config=ft, mesh=mesh,
-                       workdir=str(workdir / "runs" / key), progress=config.progress)
+                       workdir=str(workdir / "runs" / key), progress=config.progress,
+                       sharding_rules=config.sharding_rules)
     clean = {k: out[k] for k in ("top1", "nll", "ece")}
     per_example = out.pop("per_example")
     writer.write({
@@ -138,7 +139,8 @@ def run(name: str, weights, label: str, tasks, *, config, data, mesh, workdir: p
         source, subset, label_map = shifted_source(shift, data.test, seed=config.ood.seed,
                                                    data_dir=config.dataset.data_dir or None)
         metrics = evaluate_model(model, source, preprocess=pre, batch_size=ft.eval_batch_size or ft.batch_size,
-                                 mesh=mesh, class_subset=subset, label_map=label_map, num_threads=ft.num_threads)
+                                 mesh=mesh, class_subset=subset, label_map=label_map, num_threads=ft.num_threads,
+                                 sharding_rules=config.sharding_rules)
         num_eval, per_example = metrics.pop("num_eval"), metrics.pop("per_example")
         # The clean accuracy travels with every shifted result: the OOD drop is read off one record.
         metrics["clean_top1"] = clean["top1"]

@@ -12,8 +12,10 @@ accumulation) and `model_configs/*_ft.yaml`:
 Implementation: the NNX model is put in train mode (BatchNorm uses batch statistics and updates its
 running `mean` / `var`) and split once into `graphdef, params, rest`; the jitted step is a pure
 function `(params, rest, opt_state, images, targets) -> (params, rest, opt_state, loss)` with the
-batch sharded over the mesh's "data" axis and the state replicated. Layer decay and the weight-decay
-mask are pytrees of the same structure as `params`.
+batch sharded over the mesh's batch axes ("data", "fsdp") and the state placed by sharding rules
+(`place_state`: replicated on a data-parallel mesh; parameters and optimiser state sharded on a mesh
+with an "fsdp" axis, see `bob_jax.parallel`). Layer decay and the weight-decay mask are pytrees of
+the same structure as `params`.
 
 Differences to the original worth knowing:
   * The lr schedule is evaluated per optimiser update (timm steps it once per epoch); the formula is
@@ -254,18 +256,41 @@ class FinetuneConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-def make_train_step(graphdef, tx, mesh, preprocess, num_classes: int, config: FinetuneConfig):
+def state_shardings(params, rest, tx, mesh, sharding_rules=None):
+    """Shardings of the training state `(params, rest, opt_state)` on `mesh`: parameters by
+    `sharding_rules` (`parallel.parse_rules`; default: FSDP-sharded on a mesh with an "fsdp" axis,
+    else replicated), `rest` (BatchNorm statistics, small) replicated, the optimiser state like the
+    parameters it mirrors. `params`/`rest` may be abstract (`jax.ShapeDtypeStruct`s)."""
+    param_sh = parallel.tree_shardings(params, mesh, sharding_rules)
+    opt_state = jax.eval_shape(tx.init, params)
+    rep = parallel.replicated(mesh)
+    return param_sh, jax.tree.map(lambda _: rep, rest), parallel.opt_state_shardings(tx, opt_state, param_sh, mesh)
+
+
+def place_state(params, rest, tx, mesh, sharding_rules=None):
+    """`(params, rest, opt_state), shardings`: the state put on `mesh` per `state_shardings`, the
+    optimiser state made there (each device only ever holds its own shards)."""
+    shardings = state_shardings(params, rest, tx, mesh, sharding_rules)
+    params, rest = jax.device_put((params, rest), shardings[:2])
+    opt_state = jax.jit(tx.init, out_shardings=shardings[2])(params)
+    return (params, rest, opt_state), shardings
+
+
+def make_train_step(graphdef, tx, mesh, preprocess, num_classes: int, config: FinetuneConfig,
+                    state_shardings=None):
     """Jitted `step(params, rest, opt_state, images_uint8, labels, key) -> (params, rest, opt_state, loss)`.
 
     On the device: normalise -> random erasing (timm applies it per image after normalisation) ->
     mixup/cutmix with label smoothing -> forward in train mode (drop-path masks from the step key) ->
     soft-target CE -> AdamW update. `rest` holds the BatchNorm running statistics, updated by the
-    forward pass."""
+    forward pass. `state_shardings`: the `(params, rest, opt_state)` shardings (`state_shardings()`,
+    e.g. FSDP-sharded parameters); the state keeps them across steps. Default: replicated."""
     from bob_jax.backbones.preprocess import normalize
     from bob_jax.data.batch_augment import mixup_cutmix, mixup_target, random_erasing
     from bob_jax.models.layers import uses_drop_path
 
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    state = (rep, rep, rep) if state_shardings is None else tuple(state_shardings)
 
     def step(params, rest, opt_state, images, labels, key):
         k_erase, k_mix, k_drop = jax.random.split(key, 3)
@@ -299,8 +324,8 @@ def make_train_step(graphdef, tx, mesh, preprocess, num_classes: int, config: Fi
 
     return jax.jit(
         step,
-        in_shardings=(rep, rep, rep, data, data, rep),
-        out_shardings=(rep, rep, rep, rep),
+        in_shardings=(*state, data, data, rep),
+        out_shardings=(*state, rep),
         donate_argnums=(0, 1, 2),
     )
 
@@ -314,13 +339,16 @@ def make_eval_step(graphdef, mesh, preprocess, class_subset: tuple[int, ...] | N
 
     `class_subset` (sorted class indices): only those logits are kept, as the original evaluates
     ImageNet-A/-R with 200 of the 1000 classes; labels are then positions in the subset. Cached, so
-    evaluating one model on many shifted sets compiles once."""
+    evaluating one model on many shifted sets compiles once. `params`/`rest` keep the shardings they
+    were placed with (replicated, or FSDP-sharded: `parallel.tree_shardings`); the batch is split over
+    the mesh's batch axes."""
     from bob_jax.backbones.preprocess import normalize
 
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
     subset = None if class_subset is None else np.asarray(class_subset, np.int32)
 
     def step(params, rest, images, labels, mask):
+        images, labels, mask = jax.lax.with_sharding_constraint((images, labels, mask), data)
         model = nnx.merge(graphdef, params, rest)
         logits = model(normalize(images, preprocess))["logits"].astype(jnp.float32)
         if subset is not None:
@@ -341,7 +369,9 @@ def make_eval_step(graphdef, mesh, preprocess, class_subset: tuple[int, ...] | N
         }
         return sums, correct
 
-    return jax.jit(step, in_shardings=(rep, rep, data, data, data), out_shardings=rep)
+    # No in_shardings: the parameters' shardings are whatever the caller placed (a sharding tree is
+    # not hashable, so it cannot key this cache); jit reads them from the committed arrays.
+    return jax.jit(step, out_shardings=rep)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -419,14 +449,18 @@ def finetune_model(name: str, weights, num_classes: int, config: FinetuneConfig 
 
 
 def evaluate_model(model: nnx.Module, source, *, preprocess=None, batch_size: int = 64, mesh=None,
-                   class_subset=None, label_map=None, num_threads: int = 4) -> dict[str, float]:
+                   class_subset=None, label_map=None, num_threads: int = 4,
+                   sharding_rules=None) -> dict[str, float]:
     """Top1 / NLL / ECE of a classifier `model` (eval mode) on `source`, e.g. a fine-tuned model on
-    shifted test sets. `class_subset` / `label_map`: see `make_eval_step` / `evaluate`."""
+    shifted test sets. `class_subset` / `label_map`: see `make_eval_step` / `evaluate`. Parameters
+    are placed on `mesh` by `sharding_rules` (`parallel.parse_rules`; default: FSDP-sharded on a mesh
+    with an "fsdp" axis, else replicated), other state replicated."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     preprocess = preprocess or model.preprocess
     model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params, rest = jax.device_put((params, rest), parallel.replicated(mesh))
+    params = jax.device_put(params, parallel.tree_shardings(params, mesh, sharding_rules))
+    rest = jax.device_put(rest, parallel.replicated(mesh))
     subset = None if class_subset is None else tuple(int(i) for i in class_subset)
     step = make_eval_step(graphdef, mesh, preprocess, class_subset=subset)
     batch_size = -(-batch_size // parallel.num_data_shards(mesh)) * parallel.num_data_shards(mesh)
@@ -444,12 +478,16 @@ def run_finetune(
     mesh=None,
     workdir: str | None = None,
     progress: bool = True,
+    sharding_rules=None,
 ) -> dict[str, Any]:
     """Fine-tune every parameter of `model` (a `backbones.create(..., num_classes=K)` model) on
     `train_source` and evaluate on `test_source`. Returns metrics plus `steps`, `losses` (per logged
     window mean), `train_seconds`. With `workdir`, the full training state and the grain iterator
     state are saved at every epoch end under `workdir/checkpoints`; a rerun with the same workdir
-    resumes exactly (per-step augmentation keys are fold_in(seed, step))."""
+    resumes exactly (per-step augmentation keys are fold_in(seed, step)), also on a mesh of another
+    shape: the checkpoint is restored onto this run's shardings. Parameters and optimiser state are
+    placed on `mesh` by `sharding_rules` (`parallel.parse_rules`; default: FSDP-sharded on a mesh
+    with an "fsdp" axis, else replicated)."""
     from bob_jax.backbones import set_compute_dtype
     from bob_jax.data.augment import FinetuneTrainTransform
     from bob_jax.data.pipelines import train_dataset
@@ -501,10 +539,8 @@ def run_finetune(
         schedule, weight_decay=config.weight_decay, lr_scales=lr_scales, decay_mask=weight_decay_mask(params),
         accumulation_steps=config.accumulation_steps,
     )
-    rep = parallel.replicated(mesh)
-    params, rest = jax.device_put((params, rest), rep)
-    opt_state = jax.jit(tx.init, out_shardings=rep)(params)
-    train_step = make_train_step(graphdef, tx, mesh, preprocess, num_classes, config)
+    (params, rest, opt_state), shardings = place_state(params, rest, tx, mesh, sharding_rules)
+    train_step = make_train_step(graphdef, tx, mesh, preprocess, num_classes, config, state_shardings=shardings)
     eval_step = make_eval_step(eval_graphdef, mesh, preprocess)
 
     transform = FinetuneTrainTransform(

@@ -51,3 +51,52 @@ def test_shard_batch_rejects_indivisible_and_ragged_batches():
         parallel.shard_batch({"x": np.zeros((12, 2))}, mesh)
     with pytest.raises(ValueError, match="leading dimension"):
         parallel.shard_batch({"x": np.zeros((8, 2)), "y": np.zeros(16)}, mesh)
+
+
+def test_mesh_and_sharding_rules_flags_reach_run_finetune(tmp_path, monkeypatch):
+    """`--config.mesh=data=2,fsdp=4 --config.sharding_rules=...` through the job (battle -> trained.run)
+    to `run_finetune`, whose placement shards the model by those rules (the training itself on such
+    meshes: tests/train/test_fsdp.py)."""
+    import pathlib
+
+    from absl import flags
+    from flax import nnx
+    from ml_collections import config_flags
+
+    from bob_jax import battle
+    from bob_jax.tasks import finetune
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    argv = ["main", f"--config={root}/configs/tasks/finetune.py:backbones=tf_efficientnet_lite0.offline@random,"
+                    "dataset=digits,train_size=64,test_size=40,input_size=32",
+            "--config.mesh=data=2,fsdp=4",
+            # Inside the quoted tuple a "\." would be a Python string escape: "." or "[.]" instead.
+            "--config.sharding_rules=('conv_head[.]kernel=None,None,None,fsdp', '.*=replicate')",
+            "--config.progress=False"]
+    fv = flags.FlagValues()  # as bob_jax.main defines it; overrides are read from argv
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    assert fv.config.sharding_rules == ("conv_head[.]kernel=None,None,None,fsdp", ".*=replicate")
+
+    class Placed(Exception):
+        pass
+
+    def placement_only(model, train, test, *, num_classes, config, mesh, sharding_rules, **kwargs):
+        model.train()
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        tx = finetune.adamw_layer_decay(1e-3, weight_decay=0.05, lr_scales=jax.tree.map(lambda _: 1.0, params),
+                                        decay_mask=finetune.weight_decay_mask(params))
+        (params, _, opt_state), _ = finetune.place_state(params, rest, tx, mesh, sharding_rules)
+        raise Placed(dict(mesh.shape), params["conv_head"]["kernel"].get_value(),
+                     opt_state[0].mu["conv_head"]["kernel"].get_value(), params["classifier"]["kernel"].get_value())
+
+    monkeypatch.setattr(finetune, "run_finetune", placement_only)
+    with pytest.raises(Placed) as placed:
+        battle.run(fv.config, tmp_path, report=False)
+    shape, kernel, moment, head = placed.value.args
+    assert shape == {"data": 2, "fsdp": 4}
+    assert kernel.shape == moment.shape == (1, 1, 320, 1280)
+    assert {s.data.shape for s in kernel.addressable_shards} == {(1, 1, 320, 320)}
+    assert {s.data.shape for s in moment.addressable_shards} == {(1, 1, 320, 320)}
+    assert kernel.sharding.spec == PartitionSpec(None, None, None, "fsdp")
+    assert head.sharding.spec == PartitionSpec()  # '.*=replicate'
