@@ -2,6 +2,10 @@
 
 The config file's `get_config(arg)` returns a locked ConfigDict, so `--config.key=value` overrides
 work and a mistyped key is an error naming it. `config.job` picks what runs.
+
+Exit status: 0 done; 1 error (message on stderr); 143 (128 + SIGTERM) preempted: SIGTERM, SIGUSR1 or
+SIGUSR2 arrived during training, a checkpoint of the current step was saved and rerunning the same
+command resumes from it (`bob_jax.preemption`).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def main(argv):
 
     run_job = {"battle": battle.run, "detection": detection_job.run}[config.job]
     console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+    from bob_jax import preemption
     from bob_jax.convert import ConversionError
     from bob_jax.io import CheckpointError, WeightsUnavailableError
 
@@ -58,6 +63,10 @@ def main(argv):
     except (WeightsUnavailableError, CheckpointError, ConversionError, FileNotFoundError) as e:
         # Problems with the user's inputs: the message says what is wrong and how to fix it.
         sys.exit(f"error: {e}")
+    except preemption.Preempted as e:
+        # A checkpoint of the current step is saved; exit 143 (128 + SIGTERM) so launchers requeue.
+        print(preemption.message(e), file=sys.stderr, flush=True)
+        sys.exit(preemption.EXIT_STATUS)
     for kind, path in out["paths"].items():
         console.print(f"wrote {kind}: {path}", markup=False, highlight=False)
 

@@ -42,7 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bob_jax import parallel
+from bob_jax import parallel, preemption
 
 # --------------------------------------------------------------------------------------------------
 # Layer-wise lr decay
@@ -584,28 +584,35 @@ def run_finetune(
     start = time.perf_counter()
     step = start_step
     every = steps_per_epoch  # checkpoint once per epoch
+    # SIGTERM / SIGUSR1 / SIGUSR2: checkpoint the current step and raise Preempted (bob_jax.preemption).
     try:
-        while step < total_steps:
-            batch = next(it)
-            step += 1
-            labels = batch["label"].astype(np.int32)
-            b = parallel.shard_batch({"image": batch["image"], "label": labels}, mesh)
-            params, rest, opt_state, loss = train_step(
-                params, rest, opt_state, b["image"], b["label"], jax.random.fold_in(base_key, step)
-            )
-            window.append(loss)
-            if step % config.log_every_steps == 0 or step == total_steps:
-                mean = float(np.mean(jax.device_get(window)))
-                if not math.isfinite(mean):
-                    raise FloatingPointError(f"run_finetune: the training loss became {mean} by step {step}.")
-                losses.append(mean)
-                window = []
-                if progress:
-                    lr_now = float(schedule(step // config.accumulation_steps))
-                    print(f"finetune step {step}/{total_steps} loss {mean:.4f} lr {lr_now:.2e}", flush=True)
-            if ckpt is not None and (step % every == 0 or step == total_steps):
-                ckpt.save(step, {"leaves": jax.tree.leaves((params, rest, opt_state))}, it.get_state(),
-                          run_meta, force=True)
+        with preemption.watch(enabled=ckpt is not None) as watcher:
+            while step < total_steps:
+                batch = next(it)
+                step += 1
+                labels = batch["label"].astype(np.int32)
+                b = parallel.shard_batch({"image": batch["image"], "label": labels}, mesh)
+                params, rest, opt_state, loss = train_step(
+                    params, rest, opt_state, b["image"], b["label"], jax.random.fold_in(base_key, step)
+                )
+                window.append(loss)
+                if step % config.log_every_steps == 0 or step == total_steps:
+                    mean = float(np.mean(jax.device_get(window)))
+                    if not math.isfinite(mean):
+                        raise FloatingPointError(
+                            f"run_finetune: the training loss became {mean} by step {step}.")
+                    losses.append(mean)
+                    window = []
+                    if progress:
+                        lr_now = float(schedule(step // config.accumulation_steps))
+                        print(f"finetune step {step}/{total_steps} loss {mean:.4f} lr {lr_now:.2e}",
+                              flush=True)
+                stop = watcher.should_stop(step)  # the same step on every process
+                if ckpt is not None and (stop or step % every == 0 or step == total_steps):
+                    ckpt.save(step, {"leaves": jax.tree.leaves((params, rest, opt_state))}, it.get_state(),
+                              run_meta, force=True)
+                if stop:
+                    raise preemption.Preempted(step, ckpt.directory, watcher.signal_name)
     finally:
         if ckpt is not None:
             ckpt.close()
