@@ -235,8 +235,10 @@ done
 
 # {exit_status}: a training run saved a checkpoint and stopped (bob_jax.preemption). Requeue on it, and
 # whenever the warning came (a frozen-feature run ends on USR1 without a checkpoint; the store keeps
-# every finished record): the requeued task skips finished runs and resumes the interrupted one.
-if [ "$status" -eq {exit_status} ] || [ "$warned" -eq 1 ]; then
+# every finished record): the requeued task skips finished runs and resumes the interrupted one. At most
+# BOB_JAX_MAX_REQUEUES times (default 20; raise it with sbatch --export=ALL,BOB_JAX_MAX_REQUEUES=N).
+if {{ [ "$status" -eq {exit_status} ] || [ "$warned" -eq 1 ]; }} &&
+   [ "${{SLURM_RESTART_COUNT:-0}}" -lt "${{BOB_JAX_MAX_REQUEUES:-20}}" ]; then
   echo "shard ${{SLURM_ARRAY_TASK_ID}} stopped (exit status $status); requeueing"
   scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}" || true
 fi

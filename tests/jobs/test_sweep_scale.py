@@ -92,11 +92,11 @@ exit 0
 """
 
 
-@pytest.mark.parametrize("mode,warn,status,requeued", [
-    ("preempt", True, 143, True), ("die", True, 128 + signal.SIGUSR1, True), ("ok", False, 0, False),
-    ("fail", False, 1, False),
+@pytest.mark.parametrize("mode,warn,status,restarts,requeued", [
+    ("preempt", True, 143, "0", True), ("die", True, 128 + signal.SIGUSR1, "0", True), ("ok", False, 0, "0", False),
+    ("fail", False, 1, "0", False), ("preempt", True, 143, "20", False),  # BOB_JAX_MAX_REQUEUES (20) reached
 ])
-def test_emitted_slurm_array_script(sweep_file, tmp_path, mode, warn, status, requeued):
+def test_emitted_slurm_array_script(sweep_file, tmp_path, mode, warn, status, restarts, requeued):
     script = tmp_path / "sweep.sbatch"
     workdir = tmp_path / "store"
     assert sweep.main([f"--sweep={sweep_file}", f"--workdir={workdir}", f"--emit_slurm={script}", "--shards=4",
@@ -116,7 +116,7 @@ def test_emitted_slurm_array_script(sweep_file, tmp_path, mode, warn, status, re
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "fake_python"),
-           "SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_JOB_ID": "77", "FAKE_MODE": mode,
+           "SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_JOB_ID": "77", "SLURM_RESTART_COUNT": restarts, "FAKE_MODE": mode,
            "SCONTROL_LOG": str(tmp_path / "scontrol.log"), "READY": str(tmp_path / "ready")}
     proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
