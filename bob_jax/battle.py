@@ -147,20 +147,32 @@ def _specs(config: ml_collections.ConfigDict) -> list[tuple[str, str | None, str
 
 
 class _Writer:
-    """Writes one record per finished (backbone, task, setting) and prints its line."""
+    """Writes one record per finished (backbone, task, setting) and prints its line.
+
+    Multi-host: every process runs the same tasks (their steps are collective), so whether a record
+    exists is decided by process 0 and broadcast, and only process 0 writes records and prints."""
 
     def __init__(self, store: ResultsStore, config, console):
         self.store, self.config, self.console = store, config, console
         self.env = environment_info()
+        self.primary = jax.process_index() == 0
 
     def skip(self, key: str, what: str) -> bool:
-        if self.config.force or not self.store.exists(key):
+        done = not self.config.force and self.store.exists(key)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            # The same answer on every process, also while process 0 is writing this very record.
+            done = bool(multihost_utils.broadcast_one_to_all(np.asarray(done)))
+        if not done:
             return False
-        if self.console is not None:
+        if self.console is not None and self.primary:
             self.console.print(f"{what}: finished earlier ({key}), skipped", markup=False)
         return True
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.primary:
+            return
         record = {
             "seed": self.config.seed, "protocol": self.config.protocol, "config": self.config.to_dict(),
             "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
@@ -268,6 +280,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, console=
     writer = _Writer(ResultsStore(workdir), config, console)
     mesh = parallel.make_mesh(parse_mesh(config.mesh))
     frozen = [t for t in config.tasks if t in TASKS]
+    if frozen and jax.process_count() > 1:
+        # Feature extraction and the probes read every example on every process; only the trained
+        # tasks split their data over processes.
+        raise ValueError(
+            f"tasks {frozen} run in a single process, but this run has {jax.process_count()} processes; "
+            "run frozen-feature tasks without --num_processes (one process drives all local devices), "
+            "and use several processes for the trained tasks (finetune, ood) only."
+        )
     data = load_data(config.dataset, train=_needs_train(config, frozen))
     # Fine-tuning and OOD evaluation of the fine-tuned classifier share one training run.
     trained_tasks = [t for t in config.tasks if t in trained.TRAINED_TASKS]
@@ -278,7 +298,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, console=
             trained.run(name, weights, label, trained_tasks, config=config, data=data, mesh=mesh,
                         workdir=workdir, writer=writer)
     records = writer.store.records()
-    paths = write_report(records, workdir / "report", console=console) if report else {}
+    primary = jax.process_index() == 0  # the other processes wrote nothing either
+    paths = write_report(records, workdir / "report", console=console) if report and primary else {}
     return {"paths": paths, "records": records}
 
 

@@ -23,6 +23,20 @@ _CACHE = flags.DEFINE_string(
     os.path.join(os.path.expanduser("~"), ".cache", "bob_jax", "xla"),
     "Persistent XLA compilation cache directory ('' disables it).",
 )
+# Multi-host (bob_jax.distributed): SLURM srun steps, Open MPI and Cloud TPU VM slices are detected and
+# need none of these; elsewhere give all three on every process (or the BOB_JAX_* variables).
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-host: HOST:PORT of process 0's coordinator, the same on every process "
+    "(env BOB_JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Multi-host: number of processes; 1 = plain run (env BOB_JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Multi-host: this process's id in [0, num_processes) (env BOB_JAX_PROCESS_ID).")
+_LOCAL_DEVICE_IDS = flags.DEFINE_string(
+    "local_device_ids", None,
+    "Multi-host: the local devices this process drives, comma-separated ids or 'all' "
+    "(env BOB_JAX_LOCAL_DEVICE_IDS; default: jax's choice, one GPU per process under SLURM).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 JOBS = ("battle", "detection")
@@ -33,9 +47,17 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
 
+    from bob_jax import distributed
+
+    try:  # before anything touches a JAX backend
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               _LOCAL_DEVICE_IDS.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     if not flags.FLAGS["verbosity"].present:
         # Orbax and grain log every save/read at INFO; progress bars and result lines say enough.
-        logging.set_verbosity(logging.WARNING)
+        # Processes other than 0 compute their share in silence: process 0 speaks for the run.
+        logging.set_verbosity(logging.WARNING if jax.process_index() == 0 else logging.ERROR)
     if _CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _CACHE.value)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -53,7 +75,8 @@ def main(argv):
     from bob_jax.detection import job as detection_job
 
     run_job = {"battle": battle.run, "detection": detection_job.run}[config.job]
-    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160,
+                      quiet=jax.process_index() != 0)
     from bob_jax import preemption
     from bob_jax.convert import ConversionError
     from bob_jax.io import CheckpointError, WeightsUnavailableError

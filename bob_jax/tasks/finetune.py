@@ -382,21 +382,40 @@ def make_eval_step(graphdef, mesh, preprocess, class_subset: tuple[int, ...] | N
 def evaluate(eval_step, params, rest, source, preprocess, *, batch_size: int, mesh, num_threads: int = 4,
              label_map=None):
     """Every example of `source` exactly once (padded final batch masked): top1, nll, ece, num_eval.
-    `label_map(labels) -> labels` converts source labels (e.g. 1000-class ids to subset positions)."""
+    `label_map(labels) -> labels` converts source labels (e.g. 1000-class ids to subset positions).
+
+    `batch_size` is the global batch. With several processes each reads only its rows of every global
+    batch (`eval_batches(process=...)`), so the global batches, and the sums, are the single-process
+    ones; the replicated sums and the per-example correctness (gathered with the source positions)
+    are the same on every process."""
+    from jax.experimental import multihost_utils
+
     from bob_jax.data.pipelines import eval_batches
     from bob_jax.data.transforms import EvalTransform
 
-    totals, per_example = None, []
-    for batch in eval_batches(source, EvalTransform(preprocess), batch_size, num_threads=num_threads):
+    process = None
+    if jax.process_count() > 1:
+        unit = math.lcm(jax.process_count(), parallel.num_data_shards(mesh))
+        batch_size = -(-batch_size // unit) * unit
+        process = (jax.process_index(), jax.process_count())
+    totals, correct_rows, index_rows = None, [], []
+    for batch in eval_batches(source, EvalTransform(preprocess), batch_size, process=process,
+                              num_threads=num_threads):
         labels = batch["label"].astype(np.int32)
         if label_map is not None:
             labels = np.where(batch["mask"], label_map(np.where(batch["mask"], labels, 0)), -1).astype(np.int32)
-        b = parallel.shard_batch({"image": batch["image"], "label": labels, "mask": batch["mask"]}, mesh)
+        b = parallel.shard_batch({"image": batch["image"], "label": labels, "mask": batch["mask"],
+                                  "index": batch["index"].astype(np.int32)}, mesh)
         sums, correct = eval_step(params, rest, b["image"], b["label"], b["mask"])
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        per_example.append(np.asarray(correct)[batch["mask"]])
+        # Source positions of the global batch's rows (-1: padding), whatever rows each process owns.
+        index, correct = multihost_utils.process_allgather((b["index"], correct), tiled=True)
+        keep = index >= 0
+        correct_rows.append(correct[keep])
+        index_rows.append(index[keep])
     if totals is None:
         raise ValueError("fine-tuning: the evaluation source is empty.")
+    per_example = np.concatenate(correct_rows)[np.argsort(np.concatenate(index_rows), kind="stable")]
     totals = jax.tree.map(lambda v: np.asarray(v, np.float64), jax.device_get(totals))
     count = totals["count"]
     return {
@@ -405,7 +424,7 @@ def evaluate(eval_step, params, rest, source, preprocess, *, batch_size: int, me
         "ece": float(np.sum(np.abs(totals["bin_acc"] - totals["bin_conf"])) / count),
         "num_eval": int(round(float(count))),
         # Correctness per example in source order (bootstrap intervals in the report).
-        "per_example": np.concatenate(per_example).astype(np.float64),
+        "per_example": per_example.astype(np.float64),
     }
 
 
@@ -506,6 +525,11 @@ def run_finetune(
             f"run_finetune: batch_size {config.batch_size} is not divisible by the "
             f"{parallel.num_data_shards(mesh)} data shards of the mesh."
         )
+    if config.batch_size % jax.process_count():
+        raise ValueError(
+            f"run_finetune: batch_size {config.batch_size} does not split over the {jax.process_count()} "
+            f"processes; use a multiple of {jax.process_count()}."
+        )
     preprocess = model.preprocess
     if config.input_size is not None and config.input_size != preprocess.input_size:
         preprocess = preprocess.replace(input_size=config.input_size)
@@ -547,8 +571,10 @@ def run_finetune(
         preprocess, auto_augment=config.auto_augment, color_jitter=config.color_jitter,
         interpolation=config.train_interpolation,
     )
+    # Each process reads only its rows of every global batch; the global batches (and the iterator
+    # state, global batches consumed) are those of a single-process run.
     ds = train_dataset(train_source, transform, config.batch_size, seed=config.seed, num_epochs=config.epochs,
-                       num_threads=config.num_threads)
+                       num_threads=config.num_threads, process=(jax.process_index(), jax.process_count()))
     it = iter(ds)
     base_key = jax.random.key(config.seed)
     run_meta = {"task": "finetune", "model": str(getattr(model, "name", "")), "num_classes": int(num_classes),
@@ -603,7 +629,7 @@ def run_finetune(
                             f"run_finetune: the training loss became {mean} by step {step}.")
                     losses.append(mean)
                     window = []
-                    if progress:
+                    if progress and jax.process_index() == 0:
                         lr_now = float(schedule(step // config.accumulation_steps))
                         print(f"finetune step {step}/{total_steps} loss {mean:.4f} lr {lr_now:.2e}",
                               flush=True)
