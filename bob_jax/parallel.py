@@ -219,6 +219,11 @@ class ShardingRule:
             re.compile(self.pattern)
         except re.error as e:
             raise ValueError(f"sharding rule {self}: {self.pattern!r} is not a valid regex ({e}).") from None
+        if not isinstance(self.spec, PartitionSpec) and self.spec not in (AUTO_FSDP, REPLICATE):
+            raise ValueError(
+                f"sharding rule {self}: spec must be {AUTO_FSDP!r}, {REPLICATE!r} or a PartitionSpec "
+                "(parse_rules turns strings such as 'fsdp,None' into one)."
+            )
 
     def matches(self, name: str) -> bool:
         return re.fullmatch(self.pattern, name) is not None

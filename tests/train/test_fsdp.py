@@ -38,6 +38,7 @@ def _tree():
                          "fc2": {"kernel": jax.ShapeDtypeStruct((1024, 256), f32)}}},
         "patch": {"kernel": jax.ShapeDtypeStruct((14, 14, 3, 1536), f32)},
         "odd": jax.ShapeDtypeStruct((129, 131), f32),
+        "tall": jax.ShapeDtypeStruct((4100, 64), f32),  # 4100 % 8 != 0: the next largest dimension
         "count": jax.ShapeDtypeStruct((), np.int32),
     }
 
@@ -53,6 +54,7 @@ def test_auto_fsdp_shards_the_largest_divisible_dimension():
     assert specs["blocks.0.qkv.kernel"] == PartitionSpec(None, "fsdp")  # 768 > 256
     assert specs["blocks.0.fc2.kernel"] == PartitionSpec("fsdp")
     assert specs["patch.kernel"] == PartitionSpec(None, None, None, "fsdp")
+    assert specs["tall"] == PartitionSpec(None, "fsdp")
     # Small (bias: 768 < 2**14 elements), indivisible (129 x 131) and scalar leaves are replicated.
     assert specs["blocks.0.qkv.bias"] == specs["odd"] == specs["count"] == PartitionSpec()
     assert _specs(_tree(), mesh, min_size=0)["blocks.0.qkv.bias"] == PartitionSpec("fsdp")
@@ -75,6 +77,8 @@ def test_explicit_rules_first_match_wins_and_all_spellings_agree():
     table = parallel.describe(_tree(), mesh, [r"patch\..*=fsdp"])
     assert "(no rule)" in table and "MiB per device" in table
     assert parallel.parse_rules(None) == parallel.parse_rules(()) == parallel.parse_rules(parallel.DEFAULT_RULES)
+    with pytest.raises(ValueError, match="spec must be"):  # strings are parsed by parse_rules, not the rule
+        parallel.ShardingRule("odd", "fsdp,None")
 
 
 @pytest.mark.parametrize("rules, match", [
