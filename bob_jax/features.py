@@ -4,6 +4,11 @@ Every frozen-feature task (linear probe on cached features, kNN, retrieval) read
 so a backbone's trunk runs over a dataset exactly once. Extraction is a jitted forward over a mesh
 (batch sharded on "data", weights replicated); uint8 batches are normalised on the device. Arrays
 are cached as `.npz` under a key that hashes everything that determines them, written atomically.
+
+Multi-host: `batch_size` is the global batch; each process reads only its rows of every global batch
+(`eval_batches(process=...)`), the forward runs once over the global mesh, and the whole feature
+matrix, in source order, is gathered onto every process, so the tasks' host code sees the same arrays
+everywhere. Process 0 alone writes the cache; a cached file is read only when every process sees it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import pathlib
 from collections.abc import Callable
@@ -117,37 +123,100 @@ def extract_features(
     description: str = "features",
 ) -> Features:
     """`model`'s `output` for every example of `source`, in source order: a key of the model's output
-    dict ("pooled" by default) or a descriptor registered in `DESCRIPTORS`."""
+    dict ("pooled" by default) or a descriptor registered in `DESCRIPTORS`.
+
+    `batch_size` is the global batch, rounded up to a multiple of the mesh's data shards and of the
+    process count; with several processes every process returns the same (whole) arrays."""
     from bob_jax.data.pipelines import eval_batches
     from bob_jax.data.transforms import EvalTransform
 
     preprocess = preprocess or model.preprocess
     key = cache_key(model, source.describe(), preprocess, output)
     path = pathlib.Path(cache_dir) / f"{key}.npz" if cache_dir else None
-    if path is not None and path.exists():
+    if path is not None and _cache_hit_everywhere(path):
         with np.load(path) as f:
             return Features(f["features"], f["labels"], key, cached=True, output=output)
 
     mesh = mesh or parallel.make_mesh()
-    shards = parallel.num_data_shards(mesh)
-    batch_size = -(-batch_size // shards) * shards  # a multiple of the data shards
+    batch_size, process = _global_batch(batch_size, mesh)
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, parallel.replicated(mesh))
     embed = _embed_fn(graphdef, preprocess, output, mesh)
-    feats, labels = [], []
-    batches = eval_batches(source, EvalTransform(preprocess), batch_size, num_workers=num_workers)
+    feats, labels, indices = [], [], []
+    batches = eval_batches(source, EvalTransform(preprocess), batch_size, num_workers=num_workers,
+                           process=process)
     total = -(-len(source) // batch_size)
-    with _progress(progress, description, total) as advance:
+    with _progress(progress and jax.process_index() == 0, description, total) as advance:
         for batch in batches:
             out = embed(state, parallel.shard_batch({"image": batch["image"]}, mesh)["image"])
-            keep = batch["mask"]
+            out, label, index = _whole_batch(out, batch["label"], batch["index"])
+            keep = index >= 0  # padding rows have index -1
             feats.append(np.asarray(out, np.float32)[keep])
-            labels.append(_labels(batch["label"][keep]))
+            labels.append(_labels(label[keep]))
+            indices.append(index[keep])
             advance()
-    result = Features(np.concatenate(feats), np.concatenate(labels), key, output=output)
+    result = Features(*_source_order(feats, labels, indices, len(source)), key, output=output)
     if path is not None:
-        _save_atomic(path, result)
+        _save_from_process_0(path, result)
     return result
+
+
+def _global_batch(batch_size: int, mesh) -> tuple[int, tuple[int, int] | None]:
+    """(global batch, `eval_batches`' `process` argument): a multiple of the mesh's data shards and of
+    the process count, each process reading its contiguous rows of every global batch."""
+    n_proc = jax.process_count()
+    unit = math.lcm(parallel.num_data_shards(mesh), n_proc)
+    batch_size = -(-batch_size // unit) * unit
+    return batch_size, None if n_proc == 1 else (jax.process_index(), n_proc)
+
+
+def _whole_batch(out: jax.Array, label: np.ndarray, index: np.ndarray):
+    """The global batch's features, labels and source positions on every process (host numpy).
+
+    `out` is sharded over the mesh (its rows live on several processes); labels and positions are this
+    process's rows, concatenated in process order, which is the rows' order in the global batch."""
+    if jax.process_count() == 1:
+        return np.asarray(out), np.asarray(label), np.asarray(index)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather((out, np.asarray(label), np.asarray(index)), tiled=True)
+
+
+def _source_order(feats, labels, indices, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated rows sorted by source position; every position exactly once, or an error."""
+    if not indices:
+        raise ValueError("feature extraction: the source is empty; there is nothing to extract.")
+    index = np.concatenate(indices)
+    order = np.argsort(index, kind="stable")
+    if not np.array_equal(index[order], np.arange(n)):
+        raise RuntimeError(
+            f"feature extraction returned source positions {index.tolist()[:20]}... for a source of {n} "
+            "examples; every example must appear exactly once (does the source's length change?)"
+        )
+    return np.concatenate(feats)[order], np.concatenate(labels)[order]
+
+
+def _cache_hit_everywhere(path: pathlib.Path) -> bool:
+    """Whether every process sees the cached file. Processes must agree (extraction is collective): with
+    a cache directory that is not shared between hosts, or while another job writes the file, some see
+    it and others not, and then all extract again."""
+    hit = path.exists()
+    if jax.process_count() == 1:
+        return hit
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(hit))))
+
+
+def _save_from_process_0(path: pathlib.Path, feats: Features) -> None:
+    """Process 0 writes the cache (every process holds the same arrays); the others wait for the file, so
+    a following `extract_features` of the same key finds it in every process of a shared directory."""
+    if jax.process_index() == 0:
+        _save_atomic(path, feats)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"bob_jax features {path.name}")
 
 
 def _labels(batch_labels: np.ndarray) -> np.ndarray:

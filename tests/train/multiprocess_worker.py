@@ -6,9 +6,10 @@ Usage: python tests/train/multiprocess_worker.py OUT_DIR WORKDIR NUM_DEVICES [CO
 Runs a short `run_finetune` of a tiny ViT on synthetic images (checkpoints in WORKDIR, resuming from them as
 usual) over a mesh of all global devices, then `evaluate_model` on a second set. With the last three
 arguments the process joins a `jax.distributed` run through `bob_jax.distributed.initialize` (a
-loopback coordinator, gloo collectives on CPU). Process 0 writes OUT_DIR/result.json and
+loopback coordinator, gloo collectives on CPU). Then the frozen-feature path (`frozen`): features of a
+random-init tiny ViT, kNN, linear probe and retrieval. Process 0 writes OUT_DIR/result.json and
 OUT_DIR/params.npz; every process writes OUT_DIR/reads_<process>.json, the training-source positions
-it read. With --cli it runs the real entry point instead (`cli`).
+it read, and OUT_DIR/frozen_<process>.json + features_<process>.npz, its frozen-task results. With --cli it runs the real entry point instead (`cli`).
 """
 
 import json
@@ -53,6 +54,9 @@ class Blobs:
 
     def __len__(self):
         return self.n
+
+    def describe(self) -> dict:  # the feature cache key (bob_jax.features.cache_key)
+        return {"name": "blobs", "n": self.n, "offset": self.offset, "size": self.size}
 
     def __getitem__(self, i):
         rng = np.random.default_rng(self.offset + int(i))
@@ -119,6 +123,42 @@ def run(model, train, test, ood, config, mesh, workdir) -> dict:
     return result
 
 
+# The frozen-feature tasks: kNN (k and extra ks), a 4-epoch linear probe (with checkpoints) and retrieval.
+KNN = {"k": 5, "extra_ks": [1, 10], "temperature": 0.07}
+# LARS with a larger trust coefficient and lr than BoB's (0.001, 0.1), so that 20 steps reach top1 ~0.5.
+PROBE = {"epochs": 4, "warmup_epochs": 1, "batch_size": 16, "eval_batch_size": 8, "base_lr": 50.0,
+         "trust_coefficient": 0.02, "log_every_steps": 5}
+RETRIEVAL = {"protocol": "split", "ks": [1, 5]}
+
+
+def frozen(mesh, workdir) -> tuple[dict, dict]:
+    """Features of a random-init tiny ViT (global batch 8; 37 test examples: a padded last batch), then
+    kNN, linear probe and retrieval on them, as the battle job runs them. Returns (per-task metrics and
+    per-example values, the arrays); every process computes all of it. The second extraction of the
+    test set must come from the cache that process 0 wrote (`cached` reports it per process)."""
+    from bob_jax import backbones
+    from bob_jax import frozen as tasks
+    from bob_jax.features import extract_features
+
+    model = backbones.create("vit_small_patch16_224.augreg_in1k", weights=None, seed=5, num_classes=0, **TINY_VIT)
+    kw = dict(preprocess=model.preprocess.replace(input_size=32), batch_size=8, mesh=mesh,
+              cache_dir=os.path.join(workdir, "features"), progress=False)
+    train = extract_features(model, Blobs(N_TRAIN, 30_000), **kw)
+    test = extract_features(model, Blobs(N_TEST, 10_000), **kw)
+    again = extract_features(model, Blobs(N_TEST, 10_000), **kw)
+    common = dict(num_classes=10, mesh=mesh, progress=False)
+    result = {"cached": [train.cached, test.cached, again.cached],
+              "again_equal": bool(np.array_equal(again.features, test.features))}
+    for name, cfg, run_dir in (("knn", KNN, None), ("linear_probe", PROBE, os.path.join(workdir, "probe")),
+                               ("retrieval", RETRIEVAL, None)):
+        metrics, per_example = tasks.TASKS[name].run(train, test, cfg=cfg, workdir=run_dir, **common)
+        metrics.pop("train_seconds", None)  # wall time, not a result
+        result[name] = {"metrics": metrics, "per_example": [float(v) for v in per_example]}
+    arrays = {"train_features": train.features, "train_labels": train.labels,
+              "test_features": test.features, "test_labels": test.labels}
+    return result, arrays
+
+
 def main(out_dir, workdir, num_devices, coordinator=None, num_processes=None, process_id=None):
     _setup_env(int(num_devices))
     from bob_jax import distributed
@@ -136,6 +176,11 @@ def main(out_dir, workdir, num_devices, coordinator=None, num_processes=None, pr
     with open(os.path.join(out_dir, f"reads_{pid}.json"), "w") as f:
         json.dump(sorted(train.read), f)
     flat = flat_params(model)
+    # Every process writes what it computed: all processes must hold the same features and metrics.
+    frozen_result, arrays = frozen(parallel.make_mesh(), workdir)
+    np.savez(os.path.join(out_dir, f"features_{pid}.npz"), **arrays)
+    with open(os.path.join(out_dir, f"frozen_{pid}.json"), "w") as f:
+        json.dump(frozen_result, f)
     if pid == 0:
         np.savez(os.path.join(out_dir, "params.npz"), **flat)
         result.update(process_count=jax.process_count(), device_count=jax.device_count())
