@@ -111,10 +111,7 @@ def lr_schedule(config: TrainConfig):
     return schedule
 
 
-def _path_str(path) -> str:
-    from bob_jax.tasks.finetune import _path_str as path_str
-
-    return path_str(path)
+_path_str = parallel.path_str
 
 
 def trainable_filter(protocol: str):

@@ -73,14 +73,8 @@ def _family_and_cfg(model: nnx.Module):
     return family, model.cfg
 
 
-def _path_str(path) -> str:
-    """Dotted NNX path of a pytree key path; the Variable's own `.value` attribute key is dropped."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.GetAttrKey):
-            continue
-        parts.append(str(k.key if isinstance(k, jax.tree_util.DictKey) else getattr(k, "idx", k)))
-    return ".".join(parts)
+# Dotted parameter paths ("blocks.3.attn.qkv.kernel"): the spelling the sharding rules match too.
+_path_str = parallel.path_str
 
 
 def layer_ids(model: nnx.Module, params: Any | None = None) -> Any:
