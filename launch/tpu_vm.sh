@@ -12,12 +12,12 @@
 #   TPU_RUNTIME    TPU VM software version (default tpu-ubuntu2204-base)
 #   TPU_SPOT=1     create the slice as a Spot VM (preemptible; the run resumes from its checkpoints)
 #   TPU_REPO_DIR   where the checkout goes on the workers (default ~/bob_jax)
-#   TPU_EXTRAS     pip extras installed beside jax[tpu] (default offline)
+#   TPU_EXTRAS     pip extras of bob_jax to install (default tpu: jax[tpu] in the pyproject's range)
 #   TPU_MOUNT      "BUCKET:MOUNTPOINT": gcsfuse-mount a bucket on every worker first (e.g. my-bucket:/gcs/my-bucket)
 #
 # What it does: (1) create the slice unless it exists, (2) copy the committed tree of this checkout
 # (`git archive HEAD`, so uncommitted edits do not travel) to every worker, (3) make a venv there with
-# jax[tpu] and bob_jax, (4) run the command on all workers at once. Each worker is one JAX process;
+# bob_jax[tpu], (4) run the command on all workers at once. Each worker is one JAX process;
 # `python -m bob_jax.main` / `bob_jax.sweep` detect the TPU slice and call jax.distributed.initialize(),
 # process 0 writes the results and reports. --workdir must be storage every worker sees (a gcsfuse
 # mount of a bucket, Filestore NFS): Orbax writes each host's shards of a checkpoint there.
@@ -40,7 +40,7 @@ done
 : "${TPU_ZONE:?set TPU_ZONE, e.g. us-central2-b}"
 RUNTIME=${TPU_RUNTIME:-tpu-ubuntu2204-base}
 REPO_DIR=${TPU_REPO_DIR:-'~/bob_jax'}
-EXTRAS=${TPU_EXTRAS:-offline}
+EXTRAS=${TPU_EXTRAS:-tpu}
 gc=(gcloud compute tpus tpu-vm)
 where=(--zone "$TPU_ZONE")
 [ -n "${TPU_PROJECT:-}" ] && where+=(--project "$TPU_PROJECT")
@@ -63,7 +63,7 @@ echo "copying $(git rev-parse --short HEAD) to every worker of $TPU_NAME"
 
 setup="set -e; mkdir -p $REPO_DIR && tar -xzf ~/bob_jax.tar.gz -C $REPO_DIR && cd $REPO_DIR"
 setup+=" && { [ -d .venv ] || python3 -m venv .venv; } && . .venv/bin/activate"
-setup+=" && pip install -q -e '.[$EXTRAS]' 'jax[tpu]>=0.10.2'"
+setup+=" && pip install -q -e '.[$EXTRAS]'"
 if [ -n "${TPU_MOUNT:-}" ]; then
   bucket=${TPU_MOUNT%%:*} mountpoint=${TPU_MOUNT#*:}
   setup+=" && { mountpoint -q $mountpoint || { sudo mkdir -p $mountpoint && sudo chown \$USER $mountpoint"
