@@ -341,6 +341,38 @@ def test_cli_two_processes_write_one_record_equal_to_one_process(tmp_path):
     assert record["metrics"] == two["metrics"], (restored["two_restore"] / "process_0.log").read_text()[-3000:]
 
 
+FROZEN_CLI_JOB = (
+    ("--config=configs/battle.py:backbones=vit_small_patch16_224.augreg_in1k@random,dataset=digits,"
+     "train_size=64,test_size=40,input_size=32,tasks=knn+linear_probe+retrieval"),
+    "--config.linear_probe.epochs=2", "--config.linear_probe.warmup_epochs=1",
+    "--config.linear_probe.batch_size=16", "--config.batch_size=16", "--config.progress=False",
+    "--compilation_cache=",
+)
+
+
+@pytest.mark.slow
+def test_cli_frozen_tasks_two_processes_equal_one_process(tmp_path):
+    """The battle job's frozen path on 2 processes (features extracted over both, tasks run in each,
+    records written by process 0) gives the records of a 1-process x 2-device run."""
+    port = _free_port()
+    two = [["--cli", "1", "--workdir={out}/wd", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+            f"--process_id={i}", *FROZEN_CLI_JOB] for i in range(2)]
+    dirs = _run_all({"two": two, "one": [["--cli", "2", "--workdir={out}/wd", *FROZEN_CLI_JOB]]}, tmp_path)
+    records = {name: {r["task"]: r for r in (json.loads(p.read_text()) for p in (d / "wd" / "results").glob("*.json"))}
+               for name, d in dirs.items()}
+    assert sorted(records["two"]) == sorted(records["one"]) == ["knn", "linear_probe", "retrieval"]
+    for task, one in records["one"].items():
+        got = records["two"][task]
+        assert got["key"] == one["key"] and got["num_devices"] == one["num_devices"] == 2
+        assert got["metrics_per_example"] == one["metrics_per_example"], task
+        for key, value in one["metrics"].items():
+            if key != "train_seconds":  # wall time
+                assert got["metrics"][key] == pytest.approx(value, rel=FROZEN_PROBE_RTOL), (task, key)
+        if task != "linear_probe":
+            assert got["metrics"] == one["metrics"], task
+    assert "wrote" not in (dirs["two"] / "process_1.log").read_text()
+
+
 # --------------------------------------------------------------------------------------------------
 # Per-process data: the parts of every global batch (no processes needed)
 # --------------------------------------------------------------------------------------------------
