@@ -146,11 +146,6 @@ def _specs(config: ml_collections.ConfigDict) -> list[tuple[str, str | None, str
     return specs
 
 
-# Frozen-feature tasks whose training loop feeds every process's copy of the whole batch to
-# `parallel.shard_batch` (which expects each process's rows): refused in a multi-process run.
-SINGLE_PROCESS_TASKS = ("linear_multihead", "multilabel_probe")
-
-
 class _Writer:
     """Writes one record per finished (backbone, task, setting) and prints its line.
 
@@ -285,15 +280,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, console=
     writer = _Writer(ResultsStore(workdir), config, console)
     mesh = parallel.make_mesh(parse_mesh(config.mesh))
     frozen = [t for t in config.tasks if t in TASKS]
-    single = [t for t in frozen if t in SINGLE_PROCESS_TASKS]
-    if single and jax.process_count() > 1:
-        # Feature extraction gathers the whole feature matrix onto every process, and the linear probe,
-        # kNN and retrieval are multi-process safe; these heads feed whole batches from every process.
-        raise ValueError(
-            f"tasks {single} run in a single process, but this run has {jax.process_count()} processes; "
-            "run them without --num_processes (one process drives all local devices); linear_probe, knn, "
-            "retrieval, finetune and ood run on several processes."
-        )
     data = load_data(config.dataset, train=_needs_train(config, frozen))
     # Fine-tuning and OOD evaluation of the fine-tuned classifier share one training run.
     trained_tasks = [t for t in config.tasks if t in trained.TRAINED_TASKS]

@@ -49,15 +49,18 @@ def main(argv):
 
     from bob_jax import distributed
 
+    quiet = not flags.FLAGS["verbosity"].present
+    if quiet:
+        # Orbax, grain and backend start-up log at INFO; progress bars and result lines say enough.
+        logging.set_verbosity(logging.WARNING)
     try:  # before anything touches a JAX backend
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                _LOCAL_DEVICE_IDS.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    if not flags.FLAGS["verbosity"].present:
-        # Orbax and grain log every save/read at INFO; progress bars and result lines say enough.
+    if quiet and jax.process_index() != 0:
         # Processes other than 0 compute their share in silence: process 0 speaks for the run.
-        logging.set_verbosity(logging.WARNING if jax.process_index() == 0 else logging.ERROR)
+        logging.set_verbosity(logging.ERROR)
     if _CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _CACHE.value)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

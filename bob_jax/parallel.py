@@ -173,6 +173,31 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def shard_global_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Like `shard_batch`, but every process passes the WHOLE global batch (host arrays that are the same
+    everywhere, e.g. features gathered onto every process) and each device is fed its rows from it.
+
+    Single-process this equals `shard_batch`; with several processes it spares callers the slicing of
+    their own rows, which `shard_batch` expects."""
+    sharding = data_sharding(mesh)
+    shards = num_data_shards(mesh)
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        if value.ndim == 0 or value.shape[0] != np.shape(next(iter(batch.values())))[0]:
+            raise ValueError(
+                f"shard_global_batch: {key!r} has shape {value.shape}; every entry needs the same leading "
+                "(batch) dimension."
+            )
+        if value.shape[0] % shards:
+            raise ValueError(
+                f"shard_global_batch: batch size {value.shape[0]} (entry {key!r}) is not divisible by the "
+                f"{shards} data shards of the mesh; pad it to a multiple of {shards} and mask the padding."
+            )
+        out[key] = jax.make_array_from_callback(value.shape, sharding, lambda index, v=value: v[index])
+    return out
+
+
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     """Turn a dict of process-local numpy arrays into global arrays sharded over the batch axes.
 

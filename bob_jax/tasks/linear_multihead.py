@@ -286,7 +286,7 @@ def heads_accuracy(
     fn = jax.jit(correct, in_shardings=(rep, data, data, data), out_shardings=rep)
     total = 0
     for idx, mask in _padded_batches(len(y), batch_size):
-        b = parallel.shard_batch({"x": x[idx], "y": y[idx].astype(np.int32), "mask": mask}, mesh)
+        b = parallel.shard_global_batch({"x": x[idx], "y": y[idx].astype(np.int32), "mask": mask}, mesh)
         total = total + np.asarray(fn(params, b["x"], b["y"], b["mask"]), np.int64)
     return total / len(y)
 
@@ -305,7 +305,7 @@ def head_logits(
     one = {"w": head["w"][k : k + 1], "b": head["b"][k : k + 1]}
     fn = jax.jit(lambda h, xb: _logits(h, xb, v)[0], in_shardings=(rep, data), out_shardings=rep)
     out = [
-        np.asarray(fn(one, parallel.shard_batch({"x": x[idx]}, mesh)["x"]))[mask]
+        np.asarray(fn(one, parallel.shard_global_batch({"x": x[idx]}, mesh)["x"]))[mask]
         for idx, mask in _padded_batches(len(x), batch_size)
     ]
     return np.concatenate(out).astype(np.float32)
@@ -363,7 +363,7 @@ def train_heads(
     )(params)
     for t in range(total):
         idx = np.sort(sampler(t))  # the order inside a batch does not change the mean loss
-        batch = parallel.shard_batch({"x": x[idx], "y": y[idx].astype(np.int32)}, mesh)
+        batch = parallel.shard_global_batch({"x": x[idx], "y": y[idx].astype(np.int32)}, mesh)
         state = step(state, batch["x"], batch["y"])
     return state["params"]
 

@@ -139,7 +139,7 @@ def train_probe(
     total = sampler.steps_per_epoch * config.epochs
     for t in range(total):
         idx = np.sort(sampler(t))
-        b = parallel.shard_batch({"x": x[idx], "y": y[idx]}, mesh)
+        b = parallel.shard_global_batch({"x": x[idx], "y": y[idx]}, mesh)
         state = step(state, b["x"], b["y"])
     return state["params"], total
 
@@ -156,7 +156,7 @@ def probe_logits(
     for start in range(0, len(x), batch_size):
         idx = np.arange(start, start + batch_size)
         keep = idx < len(x)
-        xb = parallel.shard_batch({"x": x[np.where(keep, idx, 0)]}, mesh)["x"]
+        xb = parallel.shard_global_batch({"x": x[np.where(keep, idx, 0)]}, mesh)["x"]
         out.append(np.asarray(fn(params, xb))[keep])
     return np.concatenate(out).astype(np.float32)
 

@@ -12,6 +12,7 @@ OUT_DIR/params.npz; every process writes OUT_DIR/reads_<process>.json, the train
 it read, and OUT_DIR/frozen_<process>.json + features_<process>.npz, its frozen-task results. With --cli it runs the real entry point instead (`cli`).
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -129,6 +130,17 @@ KNN = {"k": 5, "extra_ks": [1, 10], "temperature": 0.07}
 PROBE = {"epochs": 4, "warmup_epochs": 1, "batch_size": 16, "eval_batch_size": 8, "base_lr": 50.0,
          "trust_coefficient": 0.02, "log_every_steps": 5}
 RETRIEVAL = {"protocol": "split", "ks": [1, 5]}
+# Pooled features (a CNN-style fallback): 2 lrs (x 16/256 batch scaling) x 2 pooling variants, 2 x 10
+# SGD steps of 16.
+MULTIHEAD = {"base_lrs": [5.0, 50.0], "n_last_blocks": [1], "avgpool": [False, True], "epochs": 2,
+             "epoch_length": 10, "batch_size": 16}
+MULTILABEL = {"epochs": 3, "warmup_epochs": 1, "batch_size": 16}
+
+
+def multi_hot(labels):
+    """Two positive labels per example (its class and the next), a multi-label target for the probe."""
+    labels = np.asarray(labels)
+    return (np.eye(10, dtype=np.float32)[labels] + np.eye(10, dtype=np.float32)[(labels + 1) % 10]).clip(0, 1)
 
 
 def frozen(mesh, workdir) -> tuple[dict, dict]:
@@ -154,6 +166,14 @@ def frozen(mesh, workdir) -> tuple[dict, dict]:
         metrics, per_example = tasks.TASKS[name].run(train, test, cfg=cfg, workdir=run_dir, **common)
         metrics.pop("train_seconds", None)  # wall time, not a result
         result[name] = {"metrics": metrics, "per_example": [float(v) for v in per_example]}
+    # The two heads that train on host arrays held whole by every process (parallel.shard_global_batch).
+    metrics, per_example = tasks.TASKS["linear_multihead"].run(
+        train, test, cfg=MULTIHEAD, workdir=None, sources=None, **common)
+    result["linear_multihead"] = {"metrics": metrics, "per_example": [float(v) for v in per_example]}
+    multilabel = [dataclasses.replace(f, labels=multi_hot(f.labels)) for f in (train, test)]
+    metrics, _ = tasks.TASKS["multilabel_probe"].run(*multilabel, cfg=MULTILABEL, workdir=None, sources=None,
+                                                     **common)
+    result["multilabel_probe"] = {"metrics": metrics}
     arrays = {"train_features": train.features, "train_labels": train.labels,
               "test_features": test.features, "test_labels": test.labels}
     return result, arrays

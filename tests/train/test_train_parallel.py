@@ -100,3 +100,19 @@ def test_mesh_and_sharding_rules_flags_reach_run_finetune(tmp_path, monkeypatch)
     assert {s.data.shape for s in moment.addressable_shards} == {(1, 1, 320, 320)}
     assert kernel.sharding.spec == PartitionSpec(None, None, None, "fsdp")
     assert head.sharding.spec == PartitionSpec()  # '.*=replicate'
+
+
+def test_shard_global_batch_feeds_each_device_its_rows():
+    """Every process holds the whole batch; each device gets the rows `shard_batch` would give it."""
+    mesh = parallel.make_mesh({"data": 4, "fsdp": 2})
+    batch = {"x": np.arange(16 * 3, dtype=np.float32).reshape(16, 3), "y": np.arange(16, dtype=np.int32)}
+    ours, theirs = parallel.shard_global_batch(batch, mesh), parallel.shard_batch(batch, mesh)
+    for key in batch:
+        assert ours[key].sharding == theirs[key].sharding
+        for a, b in zip(ours[key].addressable_shards, theirs[key].addressable_shards, strict=True):
+            assert a.index == b.index
+            np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
+    with pytest.raises(ValueError, match="not divisible by the 8 data shards"):
+        parallel.shard_global_batch({"x": np.zeros((12, 2))}, mesh)
+    with pytest.raises(ValueError, match="same leading"):
+        parallel.shard_global_batch({"x": np.zeros((8, 2)), "y": np.zeros(16)}, mesh)
