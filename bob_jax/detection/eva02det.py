@@ -186,7 +186,7 @@ class Block(nnx.Module):
         return x + vit_lib.Block._branch(self.mlp(self.norm2(x)), None, self.drop_path2, key)
 
 
-class Eva02DetBackbone(nnx.Module):
+class Eva02DetBackbone(vitdet.PlainTrunk):
     """EVA-02 ViTDet trunk: NHWC images -> {"features": {patch_size: [B, H/p, W/p, D]}}.
 
     Build it from a zoo EVA-02 with `Eva02DetBackbone.from_eva`; the constructor alone makes zero
@@ -203,18 +203,6 @@ class Eva02DetBackbone(nnx.Module):
         self.blocks = nnx.List([Block(cfg, i, rates[i]) for i in range(cfg.depth)])
         self.num_features = d
         self._feature_info = ((p, d),)
-
-    @property
-    def feature_info(self) -> dict[int, int]:
-        return dict(self._feature_info)
-
-    def abs_pos(self, grid: tuple[int, int], dtype):
-        """detectron2 `get_abs_pos`: the stored pos-embed without its class slot, on `grid`: [1, h, w, D]."""
-        cfg = self.cfg
-        pos = self.pos_embed[...][:, cfg.pos_embed_prefix:].reshape(1, *cfg.pos_embed_grid, cfg.embed_dim)
-        if tuple(grid) != cfg.pos_embed_grid:
-            pos = vitdet.resize_pos_embed_bicubic_torch(pos, grid)
-        return pos.astype(dtype)
 
     def rope_tables(self, grid: tuple[int, int]) -> dict[str, np.ndarray]:
         """{"window": EVA-02's `rope_win` (ft = window), "global": `rope_glb` (ft = the input grid)}."""

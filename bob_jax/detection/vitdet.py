@@ -303,7 +303,26 @@ class Block(nnx.Module):
         return x + vit_lib.Block._branch(self.mlp(self.norm2(x)), self.ls2, self.drop_path2, key)
 
 
-class ViTDetBackbone(nnx.Module):
+class PlainTrunk(nnx.Module):
+    """What every plain-ViT detection trunk shares (ViTDet here, EVA-02 in `eva02det`): one feature map
+    at stride `patch_size`, and the stored absolute pos-embed (prefix slots first) put on the input's
+    grid. Subclasses set `cfg` (embed_dim, patch_size, pos_embed_grid, pos_embed_prefix),
+    `pos_embed` and `_feature_info`."""
+
+    @property
+    def feature_info(self) -> dict[int, int]:
+        return dict(self._feature_info)
+
+    def abs_pos(self, grid: tuple[int, int], dtype):
+        """detectron2 `get_abs_pos`: the stored pos-embed without prefix slots, on `grid`: [1, h, w, D]."""
+        cfg = self.cfg
+        pos = self.pos_embed[...][:, cfg.pos_embed_prefix:].reshape(1, *cfg.pos_embed_grid, cfg.embed_dim)
+        if tuple(grid) != cfg.pos_embed_grid:
+            pos = resize_pos_embed_bicubic_torch(pos, grid)
+        return pos.astype(dtype)
+
+
+class ViTDetBackbone(PlainTrunk):
     """ViTDet trunk: NHWC images -> {"features": {patch_size: [B, H/p, W/p, D]}}.
 
     Build it from a zoo ViT with `ViTDetBackbone.from_vit`; the constructor alone makes zero
@@ -322,18 +341,6 @@ class ViTDetBackbone(nnx.Module):
         self.norm = vit_lib.LayerNorm(d, cfg.norm_eps) if cfg.final_norm else None
         self.num_features = d
         self._feature_info = ((p, d),)
-
-    @property
-    def feature_info(self) -> dict[int, int]:
-        return dict(self._feature_info)
-
-    def abs_pos(self, grid: tuple[int, int], dtype):
-        """detectron2 `get_abs_pos`: the stored pos-embed without prefix slots, on `grid`: [1, h, w, D]."""
-        cfg = self.cfg
-        pos = self.pos_embed[...][:, cfg.pos_embed_prefix:].reshape(1, *cfg.pos_embed_grid, cfg.embed_dim)
-        if tuple(grid) != cfg.pos_embed_grid:
-            pos = resize_pos_embed_bicubic_torch(pos, grid)
-        return pos.astype(dtype)
 
     def __call__(self, x, *, rngs: nnx.Rngs | None = None):
         """`rngs` (`nnx.Rngs(dropout=key)`) drives stochastic depth in train mode; eval ignores it."""

@@ -11,11 +11,10 @@ import pytest
 from flax import nnx
 
 from bob_jax import backbones
-from bob_jax.backbones import zoo
 from bob_jax.convert import abstract_leaves, load_leaves
 from bob_jax.detection.necks import FPN, SimpleFeaturePyramid
 from bob_jax.detection.vitdet import ViTDetBackbone
-from bob_jax.models.init import ShapeOnlyRngs
+from bob_jax.testing.abstract import abstract_backbone
 
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -212,10 +211,7 @@ _SMALL_SWIN = {"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2
 
 
 def _abstract_backbone(name, **kw):
-    entry = zoo.ZOO[name]
-    family = zoo.ARCH_TO_FAMILY[entry.arch]
-    cfg = family.config(entry.arch, {**entry.default_kwargs(), "num_classes": 0, **kw})
-    return nnx.eval_shape(lambda: family.model(cfg, rngs=ShapeOnlyRngs()))
+    return abstract_backbone(name, num_classes=0, **kw)
 
 
 def _pyramid_shapes(backbone, neck, size):

@@ -11,6 +11,7 @@ from flax import nnx
 
 from bob_jax import backbones, parallel
 from bob_jax.tasks import finetune
+from bob_jax.testing.abstract import abstract_backbone
 
 
 def _ours_by_timm_name(model, tree):
@@ -22,19 +23,6 @@ def _ours_by_timm_name(model, tree):
             name = name.rsplit(".", 1)[0] + ".weight"
         out[name] = value
     return out
-
-
-def _abstract_backbone(name, **kwargs):
-    """`backbones.create(name, **kwargs)`'s structure without drawing weights (leaves are shapes)."""
-    from bob_jax.backbones import zoo
-    from bob_jax.models.init import ShapeOnlyRngs
-
-    entry = zoo.ZOO[name]
-    family = zoo.ARCH_TO_FAMILY[entry.arch]
-    cfg = family.config(entry.arch, {**entry.default_kwargs(), **kwargs})
-    model = nnx.eval_shape(lambda: family.model(cfg, rngs=ShapeOnlyRngs()))
-    model.name = name
-    return model
 
 
 _TINY_VIT = dict(depth=3, embed_dim=32, num_heads=2)
@@ -84,7 +72,7 @@ def test_layer_decay_matches_timm_param_groups(reference, name, kwargs):
             by_param[id(p)] = (g["lr_scale"], g["weight_decay"] > 0)
     timm_groups = {n: by_param[id(p)] for n, p in tmodel.named_parameters()}
 
-    model = _abstract_backbone(name, **kwargs)
+    model = abstract_backbone(name, **kwargs)
     params = nnx.state(model, nnx.Param)
     scales = _ours_by_timm_name(model, finetune.layer_decay_scales(model, 0.75))
     masks = _ours_by_timm_name(model, finetune.weight_decay_mask(params))

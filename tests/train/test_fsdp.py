@@ -307,16 +307,11 @@ def test_fsdp_checkpoint_resumes_on_one_device(run_on, tmp_path):
 
 
 def _abstract_model(name, **kwargs):
-    """`backbones.create(name, **kwargs)` built on abstract shapes only (no weights are drawn)."""
+    """`backbones.create(name, **kwargs)` built on abstract shapes only, and its preprocessing."""
     from bob_jax.backbones import zoo
-    from bob_jax.models.init import ShapeOnlyRngs
+    from bob_jax.testing.abstract import abstract_backbone
 
-    entry = zoo.ZOO[name]
-    family = zoo.ARCH_TO_FAMILY[entry.arch]
-    cfg = family.config(entry.arch, {**entry.default_kwargs(), **kwargs})
-    model = nnx.eval_shape(lambda: family.model(cfg, rngs=ShapeOnlyRngs()))
-    model.name = name
-    return model, entry.preprocess
+    return abstract_backbone(name, **kwargs), zoo.ZOO[name].preprocess
 
 
 def _compile_fsdp_step(name, *, batch_size=8, image_size=224, **kwargs):
