@@ -1,4 +1,5 @@
-"""PyTorch-side helpers for parity tests (torch is imported lazily; needs the [reference] extra)."""
+"""Helpers for parity tests: re-drawing parameters at natural scales on the PyTorch side (torch is imported
+lazily; needs the [reference] extra) and on the NNX side."""
 
 from __future__ import annotations
 
@@ -25,6 +26,33 @@ def require_reference():
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     return torch, timm
+
+
+def redraw_leaves(model, seed: int, stds: dict[str, float] | None = None):
+    """The NNX twin of `redraw_parameters`: every variable of `model` re-drawn with numpy, so that no code
+    path hides behind a zero, unit or 1e-5 init. In leaf order (`bob_jax.convert.abstract_leaves`):
+      norm scales / layer-scale gammas (`.scale`, `.gamma`): U(0.5, 1.5)
+      paths matching a regex of `stds` (first match, in order): N(0, std^2)
+      other biases (`.bias`): N(0, 0.1^2)
+      everything else: N(0, 1 / fan_in) (fan_in = prod(shape[:-1]), NNX kernel layout)
+    Returns the model with the new values (`bob_jax.convert.load_leaves`)."""
+    from bob_jax.convert import abstract_leaves, load_leaves
+
+    rng = np.random.default_rng(seed)
+    rules = [(re.compile(k), v) for k, v in (stds or {}).items()]
+    leaves = {}
+    for path, v in abstract_leaves(model).items():
+        shape = tuple(v.shape)
+        std = next((s for pattern, s in rules if pattern.search(path)), None)
+        if path.endswith((".scale", ".gamma")):
+            leaves[path] = rng.uniform(0.5, 1.5, shape)
+        elif std is not None:
+            leaves[path] = rng.normal(0, std, shape)
+        elif path.endswith(".bias"):
+            leaves[path] = rng.normal(0, 0.1, shape)
+        else:
+            leaves[path] = rng.normal(0, 1 / math.sqrt(np.prod(shape[:-1])), shape)
+    return load_leaves(model, {k: x.astype(np.float32) for k, x in leaves.items()})
 
 
 def redraw_parameters(model, seed: int, overrides: dict[str, float] | None = None):

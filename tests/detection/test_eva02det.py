@@ -4,7 +4,6 @@ q/v biases without k bias, SwiGLU with and without sub-LN, pos-embed resize), th
 zoo EVA-02 (S: fused qkv and packed GluMlp; B: separate projections and SwiGLU), and a reduced EVA-02
 through the Detector: trunk choice, lr decay ids, one Mask R-CNN fine-tuning step."""
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +13,10 @@ from flax import nnx
 
 from bob_jax import backbones
 from bob_jax.backbones.preprocess import CLIP_MEAN
-from bob_jax.convert import abstract_leaves, load_leaves
+from bob_jax.convert import abstract_leaves
 from bob_jax.detection import vitdet
 from bob_jax.detection.eva02det import Eva02DetBackbone, rope_table
+from bob_jax.testing.reference import redraw_leaves
 
 S, B = "eva02_small_patch14_224.mim_in22k", "eva02_base_patch14_224.mim_in22k"
 _SMALL = {"num_classes": 0, "embed_dim": 64, "num_heads": 4}
@@ -27,17 +27,8 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 def _randomize(model, seed):
     """Every parameter re-drawn at a natural scale (biases and norm scales too), so no path hides
     behind a zero or unit init."""
-    rng = np.random.default_rng(seed)
-    leaves = {}
-    for path, v in abstract_leaves(model).items():
-        shape = tuple(v.shape)
-        if path.endswith(".scale"):
-            leaves[path] = rng.uniform(0.5, 1.5, shape)
-        elif path.endswith(("bias", "_token")) or path == "pos_embed":
-            leaves[path] = rng.normal(0, 0.3, shape)
-        else:
-            leaves[path] = rng.normal(0, 1 / math.sqrt(np.prod(shape[:-1])), shape)
-    return load_leaves(model, {k: v.astype(np.float32) for k, v in leaves.items()})
+    # q_bias / v_bias end in "bias" without the dot: caught by the same rule as ".bias" here.
+    return redraw_leaves(model, seed, {r"bias$|_token$|^pos_embed$": 0.3})
 
 
 def _images(n, size, seed=0):

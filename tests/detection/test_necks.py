@@ -11,28 +11,18 @@ import pytest
 from flax import nnx
 
 from bob_jax import backbones
-from bob_jax.convert import abstract_leaves, load_leaves
+from bob_jax.convert import abstract_leaves
 from bob_jax.detection.necks import FPN, SimpleFeaturePyramid
 from bob_jax.detection.vitdet import ViTDetBackbone
 from bob_jax.testing.abstract import abstract_backbone
-
+from bob_jax.testing.reference import redraw_leaves
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _randomize(model, seed):
     """Every parameter re-drawn at a natural scale (norm scales around 1, biases non-zero)."""
-    rng = np.random.default_rng(seed)
-    leaves = {}
-    for path, v in abstract_leaves(model).items():
-        shape = tuple(v.shape)
-        if path.endswith(".scale"):
-            leaves[path] = rng.uniform(0.5, 1.5, shape)
-        elif path.endswith(".bias"):
-            leaves[path] = rng.normal(0, 0.1, shape)
-        else:
-            leaves[path] = rng.normal(0, 1 / math.sqrt(np.prod(shape[:-1])), shape)
-    return load_leaves(model, {k: v.astype(np.float32) for k, v in leaves.items()})
+    return redraw_leaves(model, seed)
 
 
 @nnx.jit

@@ -4,7 +4,6 @@ pos), and the whole trunk against a plain-torch re-implementation of detectron2'
 (padded windows, decomposed rel pos with resized tables, pos-embed resize, layer scale, CLIP pre-norm,
 BoB's final norm and scaled-q rel pos) at reduced size."""
 
-import math
 
 import jax
 import numpy as np
@@ -12,10 +11,11 @@ import pytest
 from flax import nnx
 
 from bob_jax import backbones
-from bob_jax.convert import abstract_leaves, load_leaves
+from bob_jax.convert import abstract_leaves
 from bob_jax.detection import vitdet
 from bob_jax.detection.necks import SimpleFeaturePyramid
 from bob_jax.detection.vitdet import ViTDetBackbone
+from bob_jax.testing.reference import redraw_leaves
 
 _TINY = {"num_classes": 0, "depth": 3, "embed_dim": 32, "num_heads": 2}
 
@@ -26,21 +26,7 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 def _randomize(model, seed):
     """Every parameter of an NNX model re-drawn at a natural scale (biases, norm scales, layer scale,
     rel-pos tables included), so that no code path hides behind a zero or 1e-5 init."""
-    rng = np.random.default_rng(seed)
-    leaves = {}
-    for path, v in abstract_leaves(model).items():
-        shape = tuple(v.shape)
-        if path.endswith((".scale", ".gamma")):
-            leaves[path] = rng.uniform(0.5, 1.5, shape)
-        elif path.endswith(".bias"):
-            leaves[path] = rng.normal(0, 0.1, shape)
-        elif ".rel_pos_" in path:
-            leaves[path] = rng.normal(0, 0.3, shape)
-        elif path == "pos_embed" or path.endswith("_token"):
-            leaves[path] = rng.normal(0, 0.5, shape)
-        else:
-            leaves[path] = rng.normal(0, 1 / math.sqrt(np.prod(shape[:-1])), shape)
-    return load_leaves(model, {k: v.astype(np.float32) for k, v in leaves.items()})
+    return redraw_leaves(model, seed, {r"\.rel_pos_": 0.3, r"^pos_embed$|_token$": 0.5})
 
 
 @nnx.jit
