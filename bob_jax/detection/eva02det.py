@@ -249,12 +249,7 @@ class Eva02DetBackbone(vitdet.PlainTrunk):
         if not (ecfg.use_rot_pos_emb and ecfg.swiglu_mlp):
             raise ValueError("EVA-02's detection trunk has RoPE and SwiGLU in every block; this EVA was built "
                              f"with use_rot_pos_emb={ecfg.use_rot_pos_emb}, swiglu_mlp={ecfg.swiglu_mlp}")
-        if patch_resize not in vitdet.PATCH_RESIZES:
-            raise ValueError(f"patch_resize={patch_resize!r} is not supported; use one of {vitdet.PATCH_RESIZES}")
-        patch = ecfg.patch_size if patch_size is None else int(patch_size)
-        img_size = to_2tuple(img_size)
-        if img_size[0] % patch or img_size[1] % patch:
-            raise ValueError(f"img_size {img_size} is not a multiple of the patch size {patch}; pad the input")
+        patch, img_size = vitdet.trunk_geometry(img_size, patch_size, ecfg.patch_size, patch_resize)
         ref = ecfg.ref_feat_shape or ecfg.grid_size  # timm without ref_feat_shape: integer positions
         if ref[0] != ref[1]:
             raise ValueError(f"EVA-02's RoPE has one pre-training span for both axes; got ref_feat_shape={ref}")

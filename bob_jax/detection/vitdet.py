@@ -303,6 +303,19 @@ class Block(nnx.Module):
         return x + vit_lib.Block._branch(self.mlp(self.norm2(x)), self.ls2, self.drop_path2, key)
 
 
+def trunk_geometry(img_size, patch_size: int | None, source_patch: int, patch_resize: str):
+    """(patch, (h, w)) of a plain-ViT detection trunk made from a classification model with patch
+    `source_patch` (`patch_size=None` keeps it), checked: a known `patch_resize` and an input that the
+    patch divides (the trunks do not pad)."""
+    if patch_resize not in PATCH_RESIZES:
+        raise ValueError(f"patch_resize={patch_resize!r} is not supported; use one of {PATCH_RESIZES}")
+    patch = source_patch if patch_size is None else int(patch_size)
+    img_size = to_2tuple(img_size)
+    if img_size[0] % patch or img_size[1] % patch:
+        raise ValueError(f"img_size {img_size} is not a multiple of the patch size {patch}; pad the input")
+    return patch, img_size
+
+
 class PlainTrunk(nnx.Module):
     """What every plain-ViT detection trunk shares (ViTDet here, EVA-02 in `eva02det`): one feature map
     at stride `patch_size`, and the stored absolute pos-embed (prefix slots first) put on the input's
@@ -383,13 +396,8 @@ class ViTDetBackbone(PlainTrunk):
             )
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} is not supported; use one of {VARIANTS}")
-        if patch_resize not in PATCH_RESIZES:
-            raise ValueError(f"patch_resize={patch_resize!r} is not supported; use one of {PATCH_RESIZES}")
         vcfg: vit_lib.ViTConfig = vit.cfg
-        patch = vcfg.patch_size if patch_size is None else int(patch_size)
-        img_size = to_2tuple(img_size)
-        if img_size[0] % patch or img_size[1] % patch:
-            raise ValueError(f"img_size {img_size} is not a multiple of the patch size {patch}; pad the input")
+        patch, img_size = trunk_geometry(img_size, patch_size, vcfg.patch_size, patch_resize)
         det_grid = (img_size[0] // patch, img_size[1] // patch)
         prefix = 0 if vcfg.no_embed_class else vcfg.num_prefix_tokens
         cfg = ViTDetConfig(
