@@ -16,11 +16,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from bob_jax import compilation_cache
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: results, features, checkpoints, report.")
 _CACHE = flags.DEFINE_string(
-    "compilation_cache",
-    os.path.join(os.path.expanduser("~"), ".cache", "bob_jax", "xla"),
+    "compilation_cache", compilation_cache.DEFAULT_DIR,
     "Persistent XLA compilation cache directory ('' disables it).",
 )
 # Multi-host (bob_jax.distributed): SLURM srun steps, Open MPI and Cloud TPU VM slices are detected and
@@ -61,9 +62,7 @@ def main(argv):
     if quiet and jax.process_index() != 0:
         # Processes other than 0 compute their share in silence: process 0 speaks for the run.
         logging.set_verbosity(logging.ERROR)
-    if _CACHE.value:
-        jax.config.update("jax_compilation_cache_dir", _CACHE.value)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    compilation_cache.enable(_CACHE.value)
     config = _CONFIG.value
     if config.job not in JOBS:
         raise app.UsageError(f"config.job={config.job!r} is not one of {JOBS}")

@@ -48,7 +48,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from bob_jax import distributed, preemption
+from bob_jax import compilation_cache, distributed, preemption
 
 log = logging.getLogger(__name__)
 
@@ -300,8 +300,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=None, help="run only runs whose name matches this regex")
     p.add_argument("--shard", default=None, help="i/n: run only the runs j with j %% n == i (after --only)")
     p.add_argument("--dry_run", action="store_true", help="list the runs (of this shard) and exit")
-    default_cache = os.path.join(os.path.expanduser("~"), ".cache", "bob_jax", "xla")
-    p.add_argument("--compilation_cache", default=default_cache,
+    p.add_argument("--compilation_cache", default=compilation_cache.DEFAULT_DIR,
                    help="persistent XLA compilation cache directory, shared by shards ('' disables it)")
     p.add_argument("--emit_slurm", default=None, metavar="PATH",
                    help="write a SLURM job-array script running --shards shards of this sweep, and exit")
@@ -364,11 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"{label}: nothing to do", markup=False)
         return 0
     console.print(label, markup=False)
-    if args.compilation_cache:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    compilation_cache.enable(args.compilation_cache)
     try:
         summary = run_sweep(mine, args.workdir, console=console)
     except preemption.Preempted as e:
